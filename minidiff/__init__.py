@@ -1,0 +1,42 @@
+"""minidiff: a readable reimplementation of the Stable Diffusion family in pure PyTorch.
+
+The public names are listed here and imported lazily (on first use), so `import minidiff` is
+cheap and a student can open exactly the file a name comes from.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_PUBLIC = {
+    # tokenizer and loading
+    "CLIPTokenizer": "minidiff.tokenizer",
+    # schedulers
+    "DDPMScheduler": "minidiff.schedulers.ddpm",
+    "DDIMScheduler": "minidiff.schedulers.ddim",
+    "DDIMInverseScheduler": "minidiff.schedulers.ddim",
+    # models
+    "CLIPTextModel": "minidiff.models.clip",
+    "CLIPTextModelWithProjection": "minidiff.models.clip",
+    "CLIPVisionModelWithProjection": "minidiff.models.clip",
+    "AutoencoderKL": "minidiff.models.vae",
+    "UNet2DConditionModel": "minidiff.models.unet",
+    # attention backend switch
+    "attention_backend": "minidiff.models.attention",
+    "set_attention_backend": "minidiff.models.attention",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name]), name)
+
+
+def __dir__():
+    return __all__
