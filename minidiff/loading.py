@@ -132,12 +132,13 @@ def write_json(data: dict, path: str | os.PathLike) -> None:
 
 
 def _with_variant(filename: str, variant: str | None) -> str:
-    # "diffusion_pytorch_model.safetensors" + "fp16" -> "diffusion_pytorch_model.fp16.safetensors"
-    # "x.safetensors.index.json" + "fp16"            -> "x.fp16.safetensors.index.json"
+    # diffusers and transformers insert the variant before the last extension:
+    # "diffusion_pytorch_model.safetensors"        -> "diffusion_pytorch_model.fp16.safetensors"
+    # "diffusion_pytorch_model.safetensors.index.json" -> "diffusion_pytorch_model.safetensors.index.fp16.json"
     if not variant:
         return filename
-    stem, dot, rest = filename.partition(".")
-    return f"{stem}.{variant}{dot}{rest}"
+    head, _, ext = filename.rpartition(".")
+    return f"{head}.{variant}.{ext}"
 
 
 def weight_files(folder: str | os.PathLike, weights_name: str, variant: str | None = None) -> list[Path]:
@@ -150,6 +151,10 @@ def weight_files(folder: str | os.PathLike, weights_name: str, variant: str | No
     folder = Path(folder)
     single = folder / _with_variant(weights_name, variant)
     index = folder / _with_variant(weights_name.replace(".safetensors", SAFETENSORS_INDEX_SUFFIX), variant)
+    if variant and not index.is_file():
+        # Some older uploads name a sharded variant "<stem>.fp16.safetensors.index.json".
+        legacy = folder / single.name.replace(".safetensors", SAFETENSORS_INDEX_SUFFIX)
+        index = legacy if legacy.is_file() else index
     if single.is_file():
         return [single]
     if index.is_file():
@@ -345,6 +350,12 @@ class PretrainedMixin:
         return cls(config)
 
     @classmethod
+    def convert_state_dict(cls, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Hook between reading a checkpoint and loading it: a model whose files come in several
+        generations (e.g. CLIP with or without the `text_model.` prefix) renames keys here."""
+        return state
+
+    @classmethod
     def from_pretrained(
         cls,
         path_or_repo_id: str | os.PathLike,
@@ -367,7 +378,7 @@ class PretrainedMixin:
         with torch.device("meta"):
             model = cls.from_config(config)
         files = weight_files(folder, cls.weights_name, variant)
-        state = read_state_dict(files)
+        state = cls.convert_state_dict(read_state_dict(files))
         if torch_dtype is not None:
             state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         load_strict(model, state, source=", ".join(repr(str(f)) for f in files))
@@ -375,6 +386,15 @@ class PretrainedMixin:
         if device is not None:
             model.to(device)
         return model.eval()
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | dict | None = None,
+                         torch_dtype: torch.dtype | None = None):
+        """Load this component out of an original (LDM / CompVis) single-file checkpoint, e.g.
+        `v1-5-pruned-emaonly.safetensors`. See minidiff/single_file.py for the key maps."""
+        from minidiff.single_file import load_model
+
+        return load_model(cls, path, config=config, torch_dtype=torch_dtype)
 
     def _init_non_persistent_buffers(self) -> None:
         """Buffers that are not in the checkpoint (e.g. CLIP's position ids) are still on the

@@ -1,0 +1,122 @@
+"""Tiny random Stable Diffusion checkpoints written by the *reference* libraries.
+
+diffusers and transformers build each component with small random weights and save it in the
+official layout; minidiff then loads it through its production loader. Tests, the `minidiff
+check` demo, benchmarks and notebooks all use this one builder, so "the reference" means the
+same thing everywhere.
+
+Needs the test extras (`pip install -e ".[test]"`): diffusers and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+CLIP_TOKENIZER = WEIGHTS / "clip-tokenizer"
+
+# Shapes of each tiny flavour. "sd1": 1x1-conv projections, one head count for every block,
+# quick_gelu CLIP (like SD 1.5). "sd2": linear projections, a head count per block, upcast
+# attention, gelu CLIP with "!" padding and v-prediction (like SD 2.1-v).
+FLAVOURS = {
+    "sd1": dict(
+        unet=dict(block_out_channels=(32, 64), attention_head_dim=4, use_linear_projection=False,
+                  upcast_attention=False,
+                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        text=dict(hidden_act="quick_gelu"),
+        pad_token="<|endoftext|>",
+        prediction_type="epsilon",
+    ),
+    "sd2": dict(
+        unet=dict(block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), use_linear_projection=True,
+                  upcast_attention=True,
+                  down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        text=dict(hidden_act="gelu"),
+        pad_token="!",
+        prediction_type="v_prediction",
+    ),
+}
+
+TEXT_HIDDEN = 32
+
+
+def tiny_unet(flavour: str = "sd1", seed: int = 0, sample_size: int = 16):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    f = FLAVOURS[flavour]["unet"]
+    return UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
+        norm_num_groups=8, cross_attention_dim=TEXT_HIDDEN, **f,
+    ).eval()
+
+
+def tiny_vae(seed: int = 0, sample_size: int = 64):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=sample_size, in_channels=3, out_channels=3, latent_channels=4,
+        block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    ).eval()
+
+
+def tiny_text_encoder(flavour: str = "sd1", seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, projection_dim=TEXT_HIDDEN,
+        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407 if flavour == "sd1" else 0,
+        **FLAVOURS[flavour]["text"],
+    )
+    return CLIPTextModel(config).eval()
+
+
+def scheduler_config(flavour: str = "sd1") -> dict:
+    """SD's DDIM settings (scaled_linear 0.00085..0.012, leading spacing, steps_offset 1)."""
+    return {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+        "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "timestep_spacing": "leading",
+        "prediction_type": FLAVOURS[flavour]["prediction_type"],
+    }
+
+
+def save_tiny_pipeline(folder: str | Path, flavour: str = "sd1", seed: int = 0) -> Path:
+    """Write a complete tiny random SD pipeline in the diffusers layout and return its folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tiny_unet(flavour, seed).save_pretrained(folder / "unet")
+    tiny_vae(seed).save_pretrained(folder / "vae")
+    tiny_text_encoder(flavour, seed).save_pretrained(folder / "text_encoder")
+    tok = folder / "tokenizer"
+    tok.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(CLIP_TOKENIZER / name, tok / name)
+    pad = FLAVOURS[flavour]["pad_token"]
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad}
+    (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (tok / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, indent=2))
+    (folder / "scheduler").mkdir(exist_ok=True)
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(flavour), indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    return folder
