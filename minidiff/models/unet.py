@@ -1,0 +1,464 @@
+"""The Stable Diffusion 1.x / 2.x denoising UNet (diffusers' `UNet2DConditionModel`).
+
+Given a noisy latent x_t (B, 4, H/8, W/8), the timestep t and the text encoder's hidden states
+(B, 77, 768 or 1024), it predicts eps (or v, for SD 2.x-768-v) with the same shape as x_t.
+
+    t -> sinusoidal code (320) -> MLP -> temb (1280), added inside every resnet
+    conv_in                                     (B,  320, h,   w)
+    down_blocks.0  CrossAttnDownBlock2D  320    2 x (resnet + transformer), stride-2 conv
+    down_blocks.1  CrossAttnDownBlock2D  640    ... h/2
+    down_blocks.2  CrossAttnDownBlock2D 1280    ... h/4
+    down_blocks.3  DownBlock2D          1280    2 x resnet, no downsampling  (B, 1280, h/8, w/8)
+    mid_block      resnet + transformer + resnet
+    up_blocks.0    UpBlock2D            1280    3 x (concat skip, resnet), nearest x2 + conv
+    up_blocks.1-3  CrossAttnUpBlock2D   1280, 640, 320: 3 x (concat skip, resnet + transformer)
+    conv_norm_out -> SiLU -> conv_out           (B,    4, h,   w)
+
+Every output of conv_in, of each down-path resnet/transformer pair and of each downsampler is
+kept as a skip connection; the up path consumes them in reverse order, one per resnet
+(Ronneberger et al. 2015, U-Net). Numbers above are SD 1.5; SD 2.x differs only in the head
+counts, the text width (1024) and Linear instead of 1x1-conv proj_in/proj_out.
+
+References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
+(the LDM UNet); Ho et al. 2020, DDPM, appendix B (resnets with the time embedding); diffusers'
+`UNet2DConditionModel`, whose checkpoint keys the attribute names below reproduce exactly, so
+`diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
+
+Only the five block types SD uses are implemented, as plain classes. Config options that SD
+1.x/2.x never change are accepted at their diffusers default and refused otherwise
+(`UNSUPPORTED_UNLESS` below). Latent sizes must be divisible by 2**(number of downsamplers) (8
+for SD): then every upsampled map matches its skip connection exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from minidiff.loading import PretrainedMixin
+from minidiff.models.embeddings import TimestepEmbedding, Timesteps
+from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from minidiff.models.transformer import SpatialTransformer
+
+DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+# Options of diffusers' UNet2DConditionModel that SD 1.x/2.x leave at their default. A config.json
+# may contain them (diffusers' save_pretrained writes every one) with one of the accepted values
+# below; any other value is refused with a ValueError naming the option. A list value is accepted
+# when each of its entries is (e.g. only_cross_attention: [false, false, false, false]).
+UNSUPPORTED_UNLESS: dict[str, tuple] = {
+    "down_block_types": DOWN_BLOCK_TYPES,
+    "up_block_types": UP_BLOCK_TYPES,
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "act_fn": ("silu", "swish"),  # the resnets hard-code SiLU
+    "downsample_padding": (1,),
+    "mid_block_scale_factor": (1,),
+    "dropout": (0,),
+    "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None, False),
+    "dual_cross_attention": (False,),
+    "transformer_layers_per_block": (1,),
+    "reverse_transformer_layers_per_block": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,),
+    "addition_embed_type": (None,),
+    "addition_time_embed_dim": (None,),
+    "addition_embed_type_num_heads": (64,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1,),
+    "time_embedding_type": ("positional",),
+    "time_embedding_dim": (None,),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+    "cross_attention_norm": (None,),
+}
+
+
+def check_supported(options: dict) -> None:
+    """Raise a ValueError for the first option in `options` that minidiff does not implement."""
+    for key, accepted in UNSUPPORTED_UNLESS.items():
+        if key not in options:
+            continue
+        value = options[key]
+        entries = value if isinstance(value, (list, tuple)) else [value]
+        if not all(v in accepted for v in entries):
+            raise ValueError(
+                f"UNet config option {key}={value!r} is not supported: minidiff implements the "
+                f"Stable Diffusion 1.x/2.x UNet, where {key} is always one of {list(accepted)}. "
+                "This config describes another model family (e.g. SDXL, a class-conditional or an "
+                "upscaling UNet)."
+            )
+
+
+@dataclass
+class UNet2DConditionConfig:
+    """The keys of an SD 1.x/2.x `unet/config.json`, with diffusers' defaults."""
+
+    sample_size: int | None = None  # training latent size (64 for 512 px); informational only
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False  # map x -> 2x - 1 first (never set in SD)
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    dropout: float = 0.0
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int = 1280
+    attention_head_dim: int | list[int] = 8  # the NUMBER of heads: see num_heads_per_block
+    num_attention_heads: int | list[int] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool | None = False  # SD 1.5's config says null: read as False
+    # Always at these values in SD (see UNSUPPORTED_UNLESS); kept so such configs read cleanly.
+    only_cross_attention: bool | list[bool] = False
+    dual_cross_attention: bool = False
+    class_embed_type: str | None = None
+    num_class_embeds: int | None = None
+    resnet_time_scale_shift: str = "default"
+    time_embedding_type: str = "positional"
+    transformer_layers_per_block: int | list[int] = 1
+    addition_embed_type: str | None = None
+
+    def __post_init__(self):
+        check_supported(vars(self))
+        self.upcast_attention = bool(self.upcast_attention)
+        n = len(self.block_out_channels)
+        if not (len(self.down_block_types) == len(self.up_block_types) == n):
+            raise ValueError(
+                f"block_out_channels ({n} levels), down_block_types ({len(self.down_block_types)}) and "
+                f"up_block_types ({len(self.up_block_types)}) must have the same length."
+            )
+        if not isinstance(self.layers_per_block, int):
+            raise ValueError(
+                f"layers_per_block must be one integer for all levels (as in SD), got {self.layers_per_block!r}."
+            )
+        if not isinstance(self.cross_attention_dim, int):
+            raise ValueError(
+                "cross_attention_dim must be one integer (768 for SD 1.x, 1024 for SD 2.x), "
+                f"got {self.cross_attention_dim!r}."
+            )
+        if self.norm_num_groups is None:
+            raise ValueError("norm_num_groups=None (no output GroupNorm) is not an SD configuration; SD uses 32.")
+        for channels, heads in zip(self.block_out_channels, self.num_heads_per_block()):
+            if channels % heads != 0:
+                raise ValueError(
+                    f"A level with {channels} channels cannot be split into {heads} attention heads of equal size."
+                )
+
+    def num_heads_per_block(self) -> list[int]:
+        """Attention heads of each down level (the up path uses them reversed, the mid block the last).
+
+        The one place that reads the head count. diffusers' `attention_head_dim` is, despite its
+        name, the number of heads: SD 1.5 has 8 heads at every level (head_dim 40/80/160), SD 2.x
+        [5, 10, 20, 20] heads of head_dim 64. The name is a mistake diffusers keeps for
+        compatibility (diffusers issue #2011); it lets `num_attention_heads`, when set, take
+        precedence. Everywhere else minidiff says `num_heads` and `head_dim = channels // num_heads`.
+        """
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
+        n = len(self.block_out_channels)
+        if isinstance(heads, int):
+            return [heads] * n
+        if len(heads) != n:
+            raise ValueError(f"The head count must be one integer or one per level ({n}), got {list(heads)}.")
+        return list(heads)
+
+
+# ----------------------------------------------------------------------------------------------
+# The five block types. Each takes the time embedding temb (B, 4*C0) and the text context
+# (B, M, cross_attention_dim); blocks without attention ignore the context.
+
+
+class DownBlock2D(nn.Module):
+    """num_layers resnets, then a stride-2 conv unless this is the deepest level."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, temb_channels, groups, eps)
+             for j in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x, temb, context=None):
+        skips = []
+        for resnet in self.resnets:
+            x = resnet(x, temb)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)  # (B, C, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class CrossAttnDownBlock2D(nn.Module):
+    """num_layers x (resnet, spatial transformer), then a stride-2 conv unless deepest."""
+
+    def __init__(self, in_channels, out_channels, temb_channels, num_layers, groups, eps, add_downsample,
+                 num_heads, context_dim, use_linear_projection, upcast):
+        super().__init__()
+        self.resnets = nn.ModuleList(
+            [ResnetBlock2D(in_channels if j == 0 else out_channels, out_channels, temb_channels, groups, eps)
+             for j in range(num_layers)]
+        )
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(out_channels, num_heads, context_dim, groups, use_linear_projection, upcast)
+             for _ in range(num_layers)]
+        )
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x, temb, context):
+        skips = []
+        for resnet, attn in zip(self.resnets, self.attentions):
+            x = attn(resnet(x, temb), context)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)  # (B, C, H/2, W/2)
+            skips.append(x)
+        return x, skips
+
+
+class UNetMidBlock2DCrossAttn(nn.Module):
+    """resnet -> spatial transformer -> resnet at the deepest resolution."""
+
+    def __init__(self, channels, temb_channels, groups, eps, num_heads, context_dim, use_linear_projection, upcast):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps) for _ in range(2)])
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(channels, num_heads, context_dim, groups, use_linear_projection, upcast)]
+        )
+
+    def forward(self, x, temb, context):
+        x = self.resnets[0](x, temb)
+        x = self.attentions[0](x, context)
+        return self.resnets[1](x, temb)
+
+
+def _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps):
+    """The resnets of one up level. Resnet j sees the running features (prev_channels from the
+    level below for j = 0, then out_channels) concatenated with one skip connection: the first
+    num_layers - 1 skips come from this level's down-path resnets (out_channels); the last one is
+    what entered the matching down block (skip_channels_last: the downsampler output of the
+    level above, or conv_in's output at the top)."""
+    resnets = []
+    for j in range(num_layers):
+        running = prev_channels if j == 0 else out_channels
+        skip = skip_channels_last if j == num_layers - 1 else out_channels
+        resnets.append(ResnetBlock2D(running + skip, out_channels, temb_channels, groups, eps))
+    return nn.ModuleList(resnets)
+
+
+class UpBlock2D(nn.Module):
+    """num_layers x (concat a skip, resnet), then nearest x2 + conv unless this is the top level."""
+
+    def __init__(self, prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps,
+                 add_upsample):
+        super().__init__()
+        self.resnets = _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
+                                   groups, eps)
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x, skips, temb, context=None):
+        # `skips` is the down path's list; each resnet pops its skip from the end.
+        for resnet in self.resnets:
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C_running + C_skip, H, W)
+            x = resnet(x, temb)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)  # (B, C, 2H, 2W)
+        return x
+
+
+class CrossAttnUpBlock2D(nn.Module):
+    """num_layers x (concat a skip, resnet, spatial transformer), then x2 upsampling unless top."""
+
+    def __init__(self, prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps,
+                 add_upsample, num_heads, context_dim, use_linear_projection, upcast):
+        super().__init__()
+        self.resnets = _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
+                                   groups, eps)
+        self.attentions = nn.ModuleList(
+            [SpatialTransformer(out_channels, num_heads, context_dim, groups, use_linear_projection, upcast)
+             for _ in range(num_layers)]
+        )
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x, skips, temb, context):
+        for resnet, attn in zip(self.resnets, self.attentions):
+            x = torch.cat([x, skips.pop()], dim=1)  # (B, C_running + C_skip, H, W)
+            x = attn(resnet(x, temb), context)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)  # (B, C, 2H, 2W)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The model
+
+
+@dataclass
+class UNet2DConditionOutput:
+    """What `unet(..., return_dict=True)` returns: `.sample`, and `[0]` as in diffusers."""
+
+    sample: torch.Tensor
+
+    def __getitem__(self, index):
+        return (self.sample,)[index]
+
+
+class UNet2DConditionModel(nn.Module, PretrainedMixin):
+    """eps (or v) prediction: unet(x_t, t, text_hidden_states) -> (B, out_channels, H, W)."""
+
+    config_class = UNet2DConditionConfig
+    # Keys diffusers writes that are not dataclass fields; checked by check_supported, then dropped.
+    config_ignore = tuple(k for k in UNSUPPORTED_UNLESS
+                          if k not in {f.name for f in dataclasses.fields(UNet2DConditionConfig)})
+
+    def __init__(self, config: UNet2DConditionConfig):
+        super().__init__()
+        self.config = c = config
+        ch = list(c.block_out_channels)  # channels per level, top to bottom
+        heads = c.num_heads_per_block()
+        n = len(ch)
+        temb_channels = 4 * ch[0]  # 1280 for SD
+        norm = dict(groups=c.norm_num_groups, eps=c.norm_eps)
+        attn = dict(context_dim=c.cross_attention_dim, use_linear_projection=c.use_linear_projection,
+                    upcast=c.upcast_attention)
+
+        self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
+        self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
+        self.time_embedding = TimestepEmbedding(ch[0], temb_channels, act=c.act_fn)
+
+        self.down_blocks = nn.ModuleList()
+        for i, kind in enumerate(c.down_block_types):
+            common = dict(in_channels=ch[max(i - 1, 0)], out_channels=ch[i], temb_channels=temb_channels,
+                          num_layers=c.layers_per_block, add_downsample=i < n - 1, **norm)
+            if kind == "CrossAttnDownBlock2D":
+                self.down_blocks.append(CrossAttnDownBlock2D(**common, num_heads=heads[i], **attn))
+            else:
+                self.down_blocks.append(DownBlock2D(**common))
+
+        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb_channels, num_heads=heads[-1], **norm, **attn)
+
+        self.up_blocks = nn.ModuleList()
+        for i, kind in enumerate(c.up_block_types):
+            level = n - 1 - i  # up block i mirrors down block `level`
+            common = dict(prev_channels=ch[min(level + 1, n - 1)], out_channels=ch[level],
+                          skip_channels_last=ch[max(level - 1, 0)], temb_channels=temb_channels,
+                          num_layers=c.layers_per_block + 1, add_upsample=level > 0, **norm)
+            if kind == "CrossAttnUpBlock2D":
+                self.up_blocks.append(CrossAttnUpBlock2D(**common, num_heads=heads[level], **attn))
+            else:
+                self.up_blocks.append(UpBlock2D(**common))
+
+        self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
+        self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
+
+    @classmethod
+    def from_config(cls, config):
+        if isinstance(config, dict):
+            check_supported(config)  # also the keys that are not dataclass fields
+        return super().from_config(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv_in.weight.dtype
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | int | float,
+        encoder_hidden_states: torch.Tensor,
+        return_dict: bool | None = None,
+    ):
+        """sample (B, in_channels, H, W), timestep (python number, 0-d or (B,) tensor),
+        encoder_hidden_states (B, M, cross_attention_dim) -> (B, out_channels, H, W).
+
+        Returns the tensor itself by default. For code written for diffusers:
+        `return_dict=True` gives an object with `.sample`, `return_dict=False` the tuple `(sample,)`.
+        """
+        B = self._check_inputs(sample, encoder_hidden_states)
+        t = self._timesteps(timestep, B, sample.device)  # (B,)
+        context = encoder_hidden_states
+
+        x = 2 * sample - 1.0 if self.config.center_input_sample else sample
+        # The sinusoidal code is computed in fp32, then cast to the model's dtype.
+        temb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, 4*C0)
+
+        h = self.conv_in(x)  # (B, C0, H, W)
+        skips = [h]
+        for block in self.down_blocks:
+            h, block_skips = block(h, temb, context)
+            skips.extend(block_skips)
+        h = self.mid_block(h, temb, context)  # (B, C_last, H/2**(n-1), W/2**(n-1))
+        for block in self.up_blocks:
+            h = block(h, skips, temb, context)  # pops len(block.resnets) skips
+        h = self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
+
+        if return_dict is None:
+            return h
+        return UNet2DConditionOutput(h) if return_dict else (h,)
+
+    # -- input checks ------------------------------------------------------------------------------
+
+    def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor) -> int:
+        c = self.config
+        if sample.ndim != 4 or sample.shape[1] != c.in_channels:
+            raise ValueError(
+                f"The UNet expects latents of shape (batch, {c.in_channels}, height, width), got {tuple(sample.shape)}."
+            )
+        factor = 2 ** (len(c.block_out_channels) - 1)  # one halving per downsampler
+        H, W = sample.shape[-2:]
+        if H % factor or W % factor:
+            raise ValueError(
+                f"Latent height and width must be divisible by {factor} (the UNet halves them "
+                f"{len(c.block_out_channels) - 1} times and must double back to the same size), got {H}x{W}. "
+                f"For SD the image size must therefore be a multiple of {8 * factor} pixels."
+            )
+        if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim:
+            raise ValueError(
+                f"encoder_hidden_states must have shape (batch, tokens, {c.cross_attention_dim}) for this UNet "
+                f"(cross_attention_dim), got {tuple(context.shape)}. Is the text encoder the one this UNet "
+                "was trained with (SD 1.x: CLIP ViT-L, 768; SD 2.x: OpenCLIP ViT-H, 1024)?"
+            )
+        if context.shape[0] != sample.shape[0]:
+            raise ValueError(
+                f"Batch sizes differ: sample has {sample.shape[0]}, encoder_hidden_states {context.shape[0]}. "
+                "With classifier-free guidance, concatenate the latents too: torch.cat([latents] * 2)."
+            )
+        if sample.dtype != self.dtype or context.dtype != self.dtype:
+            raise ValueError(
+                f"The UNet weights are {self.dtype}, but sample is {sample.dtype} and encoder_hidden_states is "
+                f"{context.dtype}; cast the inputs with .to({self.dtype})."
+            )
+        return sample.shape[0]
+
+    @staticmethod
+    def _timesteps(timestep, batch: int, device) -> torch.Tensor:
+        t = torch.as_tensor(timestep, device=device)
+        if t.ndim == 0:
+            t = t[None]
+        if t.ndim != 1 or t.shape[0] not in (1, batch):
+            raise ValueError(
+                f"timestep must be a number, a 0-d tensor or a tensor of shape ({batch},), got shape {tuple(t.shape)}."
+            )
+        return t.expand(batch)  # (B,)
