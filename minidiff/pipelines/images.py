@@ -1,0 +1,81 @@
+"""Images in, images out: the conversions every pipeline needs.
+
+Pipelines accept what diffusers accepts and return what it returns:
+    PIL.Image or list of them     (H, W) RGB, 0..255
+    numpy array                   (H, W, 3) or (B, H, W, 3), floats in [0, 1]
+    torch tensor                  (3, H, W) or (B, 3, H, W); values in [-1, 1], or in [0, 1] (then
+                                  rescaled, as diffusers' VaeImageProcessor does when min >= 0)
+Inside, an image is a float tensor (B, 3, H, W) in [-1, 1]: the range the VAE was trained on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import PIL.Image
+import torch
+
+
+def _to_list(image):
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
+def preprocess_image(image, multiple: int = 8, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """Any supported image input -> (B, 3, H, W) float32 in [-1, 1].
+
+    PIL images are resized to (width, height) when those are given. Sides must be divisible by
+    `multiple` (8 for Stable Diffusion: the VAE halves the size three times); we refuse rather
+    than silently crop or resize, so the output has the size the user expects.
+    """
+    if image is None:
+        raise ValueError("An image is required, but `image` is None.")
+    items = _to_list(image)
+    if all(isinstance(i, PIL.Image.Image) for i in items):
+        arrays = []
+        for im in items:
+            im = im.convert("RGB")
+            if height is not None and width is not None and im.size != (width, height):
+                im = im.resize((width, height), PIL.Image.LANCZOS)
+            arrays.append(np.asarray(im, dtype=np.float32) / 255.0)
+        x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (B, H, W, 3) -> (B, 3, H, W)
+        x = 2.0 * x - 1.0
+    elif all(isinstance(i, np.ndarray) for i in items):
+        arr = np.concatenate([i[None] if i.ndim == 3 else i for i in items]).astype(np.float32)
+        if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
+            raise ValueError(f"A numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1]; got shape {arr.shape}.")
+        x = 2.0 * torch.from_numpy(arr).permute(0, 3, 1, 2) - 1.0
+    elif all(isinstance(i, torch.Tensor) for i in items):
+        x = torch.cat([i[None] if i.ndim == 3 else i for i in items]).float()
+        if x.ndim != 4 or x.shape[1] not in (1, 3):
+            raise ValueError(f"A tensor image must be (3, H, W) or (B, 3, H, W); got shape {tuple(x.shape)}.")
+        if x.min() >= 0:  # [0, 1] -> [-1, 1]; a tensor with negative values is taken as [-1, 1]
+            x = 2.0 * x - 1.0
+    else:
+        kinds = sorted({type(i).__name__ for i in items})
+        raise ValueError(f"`image` must be PIL images, numpy arrays or torch tensors (one kind); got {kinds}.")
+    h, w = x.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(
+            f"Image sides must be divisible by {multiple} (the VAE downsamples by that factor); "
+            f"got {h}x{w}. Resize or crop it, e.g. to {h // multiple * multiple}x{w // multiple * multiple}."
+        )
+    return x
+
+
+def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
+    """(B, H, W, C) floats in [0, 1] -> list of PIL images (RGB, or L for one channel)."""
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [PIL.Image.fromarray(i[..., 0], mode="L") for i in images]
+    return [PIL.Image.fromarray(i) for i in images]
+
+
+def postprocess(image: torch.Tensor, output_type: str = "pil"):
+    """(B, 3, H, W) in [0, 1] -> "pt" (the tensor), "np" ((B, H, W, 3) float32) or "pil" (list)."""
+    if output_type == "pt":
+        return image
+    array = image.detach().cpu().permute(0, 2, 3, 1).float().numpy()  # (B, H, W, 3)
+    if output_type == "np":
+        return array
+    if output_type == "pil":
+        return numpy_to_pil(array)
+    raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")

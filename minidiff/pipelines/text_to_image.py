@@ -1,0 +1,271 @@
+"""Text-to-image with Stable Diffusion, the sampling loop written out.
+
+    prompt --tokenizer--> ids (B, 77) --CLIP text encoder--> c (B, 77, D)
+    x_T ~ N(0, I)  (B, 4, H/8, W/8)
+    for t in scheduler.timesteps:                           (T ... 0, e.g. 50 DDIM steps)
+        eps_uncond, eps_text = unet([x_t, x_t], t, [c_neg, c])
+        eps = eps_uncond + w * (eps_text - eps_uncond)      classifier-free guidance (Ho & Salimans 2022, eq. 6)
+        x_{t-1} = scheduler.step(eps, t, x_t)               DDIM eq. 12 (minidiff/schedulers/ddim.py)
+    image = vae.decode(x_0 / 0.18215)                       (B, 3, H, W) in [-1, 1]
+
+`StableDiffusionPipeline` is also the base of the other pipelines (DiffEdit): it owns loading the
+components, prompt encoding, latent decoding, progress bars and image conversion.
+
+Reference: diffusers' StableDiffusionPipeline (same argument names and defaults).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from minidiff.loading import read_json, resolve_folder
+from minidiff.pipelines.images import postprocess
+
+
+@dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, a numpy array (B, H, W, 3), or a tensor
+
+    def __getitem__(self, i):
+        return (self.images,)[i]
+
+
+def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Gaussian noise drawn on the generator's device (the CPU unless it is a CUDA generator),
+    then moved: the same seed gives the same image on every device, as in diffusers. A list of
+    generators draws one sample per generator."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per image or a single one.")
+        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
+    draw_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _as_list(prompt: str | list[str] | None) -> list[str] | None:
+    return [prompt] if isinstance(prompt, str) else prompt
+
+
+class StableDiffusionPipeline:
+    # The component classes a model_index.json may name, mapped to minidiff's own.
+    @staticmethod
+    def _component_classes() -> dict[str, type]:
+        from minidiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
+        from minidiff.models.unet import UNet2DConditionModel
+        from minidiff.models.vae import AutoencoderKL
+        from minidiff.tokenizer import CLIPTokenizer
+
+        return {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
+                "CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
+                "CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizer}
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+        self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = vae, text_encoder, tokenizer, unet, scheduler
+        self._progress_bar_config: dict = {}
+
+    # ------------------------------------------------------------------------------------------
+    # Loading
+
+    @classmethod
+    def _load_components(cls, path_or_repo_id, torch_dtype=None, variant=None, local_files_only=None) -> dict:
+        from minidiff.schedulers.ddim import DDIMScheduler
+
+        root = resolve_folder(path_or_repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
+                              local_files_only=local_files_only)
+        index = read_json(root, "model_index.json")
+        classes = cls._component_classes()
+        parts: dict[str, Any] = {}
+        for name in ("vae", "text_encoder", "tokenizer", "unet"):
+            spec = index.get(name)
+            if not spec or spec[1] not in classes:
+                raise ValueError(f"model_index.json in {str(root)!r} needs a supported {name!r} component; it says {spec!r}.")
+            component = classes[spec[1]]
+            if name == "tokenizer":
+                parts[name] = component.from_pretrained(root, subfolder="tokenizer")
+            else:
+                parts[name] = component.from_pretrained(root, subfolder=name, torch_dtype=torch_dtype, variant=variant)
+        # The sampling loop is DDIM's: SD 1.5 ships a PNDM config, whose betas DDIM reads as is.
+        parts["scheduler_config"] = read_json(root / "scheduler", "scheduler_config.json")
+        parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler_config"])
+        return parts
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None,
+                        device: str | torch.device | None = None, variant: str | None = None,
+                        local_files_only: bool | None = None):
+        parts = cls._load_components(path_or_repo_id, torch_dtype, variant, local_files_only)
+        pipe = cls(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"])
+        return pipe.to(device) if device is not None else pipe
+
+    def components(self) -> dict[str, Any]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        for module in self.components().values():
+            module.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def set_progress_bar_config(self, **kwargs) -> None:
+        self._progress_bar_config = kwargs
+
+    def progress_bar(self, iterable, desc: str | None = None):
+        return tqdm(iterable, desc=desc, **self._progress_bar_config)
+
+    # ------------------------------------------------------------------------------------------
+    # Shared steps
+
+    def _text_states(self, prompts: list[str], device, clip_skip: int | None = None) -> torch.Tensor:
+        """list of B prompts -> CLIP hidden states (B, 77, D)."""
+        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        longest = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
+        if longest.shape[-1] > ids.shape[-1]:
+            cut = self.tokenizer.batch_decode(longest[:, self.tokenizer.model_max_length - 1:-1])
+            warnings.warn(f"CLIP reads at most {self.tokenizer.model_max_length} tokens; this part of the prompt "
+                          f"was cut off: {cut}", stacklevel=3)
+        ids = ids.to(device)
+        if clip_skip is None:
+            return self.text_encoder(ids)[0]
+        # clip_skip=k: the hidden state k layers before the last, through the final layer norm.
+        states = self.text_encoder(ids, output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+        return self.text_encoder.text_model.final_layer_norm(states)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, device, num_images_per_prompt: int, do_classifier_free_guidance: bool,
+                      negative_prompt=None, prompt_embeds: torch.Tensor | None = None,
+                      negative_prompt_embeds: torch.Tensor | None = None, clip_skip: int | None = None):
+        """Prompts -> (prompt_embeds, negative_prompt_embeds), each (B * num_images_per_prompt, 77, D);
+        negative_prompt_embeds is None without guidance."""
+        prompts = _as_list(prompt)
+        if prompt_embeds is None:
+            if prompts is None:
+                raise ValueError("Pass either `prompt` or `prompt_embeds`.")
+            prompt_embeds = self._text_states(prompts, device, clip_skip)
+        batch = prompt_embeds.shape[0]
+        dtype = next(self.text_encoder.parameters()).dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            negatives = [""] * batch if negative_prompt is None else _as_list(negative_prompt)
+            if len(negatives) == 1 and batch > 1:
+                negatives = negatives * batch
+            if len(negatives) != batch:
+                raise ValueError(f"Got {len(negatives)} negative prompts for {batch} prompts; pass one per prompt, or one for all.")
+            # As in diffusers, the negative branch always uses the last layer (clip_skip is not applied).
+            negative_prompt_embeds = self._text_states(negatives, device)
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds.shape != prompt_embeds[::num_images_per_prompt].shape:
+                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                                 f"prompt_embeds {tuple(prompt_embeds[::num_images_per_prompt].shape)}.")
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 4, h, w) -> image (B, 3, 8h, 8w) in [0, 1], float32.
+        The diffusion model works on latents scaled by `scaling_factor` (0.18215: 1 / the SD VAE
+        latent std), so we undo that first."""
+        vae_dtype = next(self.vae.parameters()).dtype
+        image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def _step_kwargs(self, eta: float, generator) -> dict:
+        params = inspect.signature(self.scheduler.step).parameters
+        kwargs = {}
+        if "eta" in params:
+            kwargs["eta"] = eta
+        if "generator" in params:
+            kwargs["generator"] = generator
+        return kwargs
+
+    # ------------------------------------------------------------------------------------------
+    # The loop
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        clip_skip: int | None = None,
+    ):
+        f = self.vae_scale_factor
+        height = height or self.unet.config.sample_size * f
+        width = width or self.unet.config.sample_size * f
+        if height % 8 or width % 8:
+            raise ValueError(f"height and width must be divisible by 8; got {height}x{width}.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Pass `prompt` or `prompt_embeds`, not both.")
+        device = self.device
+        do_cfg = guidance_scale > 1.0
+
+        # 1. Text conditioning: c (B*n, 77, D), and c_neg for the unconditional branch.
+        c, c_neg = self.encode_prompt(prompt, device, num_images_per_prompt, do_cfg, negative_prompt,
+                                      prompt_embeds, negative_prompt_embeds, clip_skip)
+        context = torch.cat([c_neg, c]) if do_cfg else c  # (2B, 77, D): unconditional first
+
+        # 2. Timesteps, e.g. 50 DDIM steps 981, 961, ..., 1 for SD's "leading" spacing.
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+
+        # 3. x_T ~ N(0, I) in latent space (B*n, 4, H/8, W/8).
+        shape = (c.shape[0], self.unet.config.in_channels, height // f, width // f)
+        if latents is None:
+            latents = randn(shape, generator, device, c.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
+        x_t = latents.to(device) * self.scheduler.init_noise_sigma
+        step_kwargs = self._step_kwargs(eta, generator)
+
+        # 4. Denoise: one UNet pass for both guidance branches, then one scheduler step.
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps, desc="text-to-image")):
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            x_in = self.scheduler.scale_model_input(x_in, t)
+            eps = self.unet(x_in, t, context)
+            if do_cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            x_t = self.scheduler.step(eps, t, x_t, **step_kwargs).prev_sample
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, x_t, eps)
+
+        # 5. Decode.
+        if output_type == "latent":
+            images = x_t
+        else:
+            images = postprocess(self.decode_latents(x_t), output_type)
+        return PipelineOutput(images) if return_dict else (images,)
