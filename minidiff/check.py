@@ -145,10 +145,13 @@ def check_scheduler(folder: Path, gen) -> list[Row]:
     ours.set_timesteps(50)
     ref.set_timesteps(50)
     rows = [_compare("scheduler", "DDIM timesteps (50 steps)", ours.timesteps.double(), ref.timesteps.double(), 0.0)]
-    x = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
-    eps = torch.randn(1, 4, 8, 8, generator=gen, dtype=torch.float64)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    eps = torch.randn(1, 4, 8, 8, generator=gen)
     t = int(ref.timesteps[10])
-    rows.append(_compare("scheduler", f"DDIM step at t={t}", ours.step(eps, t, x).prev_sample, ref.step(eps, t, x).prev_sample, 1e-10))
+    # Both build the same float32 alpha_bar table; minidiff forms the step's scalar coefficients
+    # in float64, diffusers in float32, so float32 samples agree to float32 rounding (~1e-7).
+    rows.append(_compare("scheduler", f"DDIM step at t={t} (float32)", ours.step(eps, t, x).prev_sample,
+                         ref.step(eps, t, x).prev_sample, 1e-6))
     return rows
 
 
