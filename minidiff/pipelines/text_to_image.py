@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from minidiff.loading import read_json, resolve_folder
 from minidiff.pipelines.images import postprocess
+from minidiff.schedulers.base import randn
 
 
 @dataclass
@@ -35,18 +36,6 @@ class PipelineOutput:
 
     def __getitem__(self, i):
         return (self.images,)[i]
-
-
-def randn(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Gaussian noise drawn on the generator's device (the CPU unless it is a CUDA generator),
-    then moved: the same seed gives the same image on every device, as in diffusers. A list of
-    generators draws one sample per generator."""
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per image or a single one.")
-        return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
-    draw_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def _as_list(prompt: str | list[str] | None) -> list[str] | None:
