@@ -49,3 +49,55 @@ def test_missing_model_is_one_sentence():
     result = run_cli("check", "/no/such/checkpoint")
     assert result.returncode == 2
     assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def circle(tmp_path_factory):
+    from PIL import Image, ImageDraw
+
+    path = tmp_path_factory.mktemp("img") / "circle.png"
+    im = Image.new("RGB", (32, 32), "white")
+    ImageDraw.Draw(im).ellipse((4, 4, 20, 20), fill="red")
+    im.save(path)
+    return path
+
+
+def test_edit_writes_image_mask_and_panel(tiny, circle, tmp_path):
+    from PIL import Image
+
+    out = tmp_path / "edit"
+    args = ["edit", str(circle), "--model", str(tiny), "--source", "a red circle", "--target", "a blue square",
+            "--steps", "4", "--num-maps", "2", "--out", str(out)]
+    assert main(args) == 0
+    assert Image.open(out / "edited.png").size == (32, 32)
+    assert Image.open(out / "mask.png").size == (32, 32)
+    assert Image.open(out / "panel.png").width > 3 * 32
+    assert main(args) == 2  # the folder is not empty now: nothing is overwritten silently
+
+
+def test_generate_mask_invert_commands(tiny, circle, tmp_path):
+    from safetensors import safe_open
+
+    assert main(["generate", "a star", "--model", str(tiny), "--steps", "2", "--height", "32", "--width", "32",
+                 "--out", str(tmp_path / "gen")]) == 0
+    assert (tmp_path / "gen" / "image_0.png").is_file()
+    assert main(["mask", str(circle), "--model", str(tiny), "--source", "a", "--target", "b", "--steps", "4",
+                 "--num-maps", "1", "--out", str(tmp_path / "mask")]) == 0
+    assert (tmp_path / "mask" / "mask.png").is_file()
+    assert main(["invert", str(circle), "--model", str(tiny), "--source", "a", "--steps", "5", "--strength", "0.4",
+                 "--out", str(tmp_path / "inv")]) == 0
+    with safe_open(str(tmp_path / "inv" / "inverted_latents.safetensors"), "pt") as f:
+        assert f.metadata()["num_inference_steps"] == "5"
+        assert f.get_tensor("latents").shape[1] == 2  # int(5 * 0.4) inverted latents
+
+
+@pytest.mark.parametrize("args, message", [
+    (["edit", "/no/such.png", "--source", "a", "--target", "b"], "No image file"),
+    (["edit", "{circle}", "--source", "a", "--target", "b", "--strength", "1.5"], "between 0 and 1"),
+    (["generate", "a", "--height", "30", "--width", "32", "--steps", "1"], "divisible by 8"),
+])
+def test_errors_are_one_sentence(tiny, circle, tmp_path, args, message):
+    args = [a.replace("{circle}", str(circle)) for a in args] + ["--model", str(tiny), "--out", str(tmp_path / "o")]
+    result = run_cli(*args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr

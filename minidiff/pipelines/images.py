@@ -79,3 +79,25 @@ def postprocess(image: torch.Tensor, output_type: str = "pil"):
     if output_type == "pil":
         return numpy_to_pil(array)
     raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")
+
+
+def mask_overlay(image: PIL.Image.Image, mask, color=(255, 40, 40), alpha: float = 0.5) -> PIL.Image.Image:
+    """The image with `mask` (any size, values in [0, 1]) painted over it in `color`."""
+    mask_img = mask if isinstance(mask, PIL.Image.Image) else numpy_to_pil(np.asarray(mask, dtype=np.float32)[None, ..., None])[0]
+    mask_img = mask_img.convert("L").resize(image.size, PIL.Image.NEAREST)
+    weight = np.asarray(mask_img, dtype=np.float32)[..., None] / 255.0 * alpha  # (H, W, 1)
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    out = base * (1 - weight) + np.asarray(color, dtype=np.float32) * weight
+    return PIL.Image.fromarray(out.round().astype("uint8"))
+
+
+def side_by_side(images: list[PIL.Image.Image], gap: int = 4) -> PIL.Image.Image:
+    """Images placed left to right on a white strip (all resized to the first one's height)."""
+    h = images[0].height
+    images = [im if im.height == h else im.resize((round(im.width * h / im.height), h)) for im in images]
+    panel = PIL.Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), h), "white")
+    x = 0
+    for im in images:
+        panel.paste(im.convert("RGB"), (x, 0))
+        x += im.width + gap
+    return panel
