@@ -24,6 +24,9 @@ _PUBLIC = {
     "CLIPVisionModelWithProjection": "minidiff.models.clip",
     "AutoencoderKL": "minidiff.models.vae",
     "UNet2DConditionModel": "minidiff.models.unet",
+    # pipelines
+    "StableDiffusionPipeline": "minidiff.pipelines.text_to_image",
+    "DiffEditPipeline": "minidiff.pipelines.diffedit",
     # attention backend switch
     "attention_backend": "minidiff.models.attention",
     "set_attention_backend": "minidiff.models.attention",
