@@ -50,6 +50,31 @@ def median_time(fn, device: str, warmup: int = 1, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_times(fns: dict, device: str, warmup: int = 1, repeats: int = 3) -> dict:
+    """Median wall time (s) of each callable, timed in turns (a, b, a, b, ...) so that a change in
+    machine load during the run affects both sides alike; warm-up calls are excluded."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    sync(device)
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def measure_peak(fn, device: str) -> float:
+    """Peak memory (MB) that one call of fn adds above what was in use before it."""
+    base = reset_peak_memory(device)
+    fn()
+    sync(device)
+    return peak_memory_mb(device, base)
+
+
 def _status_mb(field: str) -> float:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1)) / 1024
 

@@ -4,7 +4,7 @@
     python benchmarks/unet_step.py --device cuda --sizes 64 96
 
 For each (latent size, dtype, channels-last) it times both libraries in this one process
-(warm-up excluded, median of repeats, the two interleaved), reports the time ratio
+(warm-up excluded, median of repeats, the two timed in turns), reports the time ratio
 minidiff / diffusers (< 1 means minidiff is faster), the peak memory of the forward, and the
 achieved GFLOP/s against an n x n matrix multiply measured in the same run.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from common import count_flops, describe_machine, matmul_peak_gflops, median_time, peak_memory_mb, reset_peak_memory
+from common import count_flops, describe_machine, interleaved_median_times, matmul_peak_gflops, measure_peak
 
 SD15_UNET = Path(__file__).resolve().parent.parent / "weights/configs/stable-diffusion-v1-5/unet/config.json"
 
@@ -67,15 +67,17 @@ def main():
                 run_ref = lambda: ref(x, t, ctx).sample
                 with torch.inference_mode():
                     flops = count_flops(run_ours)
-                    row = {}
-                    for name, fn in (("minidiff", run_ours), ("diffusers", run_ref)):
-                        base = reset_peak_memory(device)
-                        row[name] = (median_time(fn, device, warmup=1, repeats=args.repeats), peak_memory_mb(device, base))
+                    times = interleaved_median_times({"minidiff": run_ours, "diffusers": run_ref}, device,
+                                                     warmup=1, repeats=args.repeats)
+                    row = {"minidiff": (times["minidiff"], measure_peak(run_ours, device)),
+                           "diffusers": (times["diffusers"], measure_peak(run_ref, device))}
                 (t_o, m_o), (t_r, m_r) = row["minidiff"], row["diffusers"]
                 print(f"| {size}x{size} | {dtype_name} | {'on' if channels_last else 'off'} | {t_o:.3f} | {t_r:.3f} | "
                       f"{t_o / t_r:.3f} | {m_o:.0f} | {m_r:.0f} | {flops / t_o / 1e9:.0f} | {flops / t_r / 1e9:.0f} | {peak:.0f} |",
                       flush=True)
-        del ours, ref
+
+    print("\n* peak MB: memory the forward adds above the resident weights (CPU: peak RSS, VmHWM; "
+          "CUDA: max_memory_allocated).")
 
 
 if __name__ == "__main__":
