@@ -8,7 +8,8 @@ Three ways to compute the same thing:
     "sdpa"    torch.nn.functional.scaled_dot_product_attention, which picks a fused kernel
               (flash / memory-efficient on CUDA, a blocked C++ kernel on the CPU).
     "triton"  minidiff's own flash-attention kernel (minidiff/kernels/flash_attention.py).
-    "auto"    "triton" on CUDA when Triton is importable, else "sdpa".
+    "auto"    "triton" on CUDA when Triton is importable and the kernel takes the shapes (head
+              dim <= 256: not the VAE's 512-wide head), else "sdpa".
 
 Choose globally with `set_attention_backend("math")` or for a block of code with
 `with attention_backend("math"): ...`.
@@ -81,16 +82,29 @@ def attention_ref(
     return (probs @ v.float()).to(q.dtype)  # (B, H, Nq, d)
 
 
-def _resolve(backend: str, q: torch.Tensor) -> str:
+def _mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """A mask of fewer dims, read as broadcasting reads it: (Nq, Nk) -> (1, 1, Nq, Nk). (The Triton
+    kernel itself would take a 2-D mask as (B, Nk) key padding.)"""
+    if mask is None or mask.dim() >= 4:
+        return mask
+    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+
+
+def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> str:
     if backend != "auto":
         return backend
     if q.is_cuda:
         try:
-            import triton  # noqa: F401
-            from minidiff.kernels import flash_attention  # noqa: F401
+            from minidiff.kernels.flash_attention import unsupported_reason
+        except ImportError:  # no Triton (a Linux-only dependency)
+            return "sdpa"
+        # The kernel takes head dims up to 256: its query tile and fp32 accumulator hold a whole
+        # head row in registers. The VAE's mid-block attention has one 512-wide head (one token
+        # per pixel, width = channels), so "auto" sends it, and anything else the kernel refuses,
+        # to SDPA. An explicit "triton" request raises the kernel's ValueError instead: a
+        # benchmark or test that asks for the kernel must not silently time another one.
+        if unsupported_reason(q, k, v, _mask_4d(mask)) is None:
             return "triton"
-        except ImportError:
-            pass
     return "sdpa"
 
 
@@ -105,12 +119,13 @@ def attention(
 ) -> torch.Tensor:
     """Dispatch to the selected backend. q, k, v: (B, H, N, d). `upcast` computes in fp32
     (SD 2.1-v sets `upcast_attention` because its fp16 scores overflow)."""
-    name = _resolve(backend or _backend, q)
+    name = _resolve(backend or _backend, q, k, v, mask)
     if name == "math":
         return attention_ref(q, k, v, mask=mask, causal=causal)
     if name == "triton":
         from minidiff.kernels.flash_attention import flash_attention
-        return flash_attention(q, k, v, mask=mask, causal=causal)
+        # `upcast` needs nothing here: the kernel never forms fp16 scores (fp32 accumulation).
+        return flash_attention(q, k, v, mask=_mask_4d(mask), causal=causal)
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
