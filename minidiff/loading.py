@@ -226,6 +226,9 @@ def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torc
     if mis_shaped:
         lines = [f"{k}: file {s} vs model {m}" for k, (s, m) in mis_shaped.items()]
         parts.append(f"  {len(mis_shaped)} key(s) with the wrong shape:{_short_list(lines)}")
+    if any(k.endswith(".absmax") for k in unexpected):
+        parts.append("  The file holds NF4-quantised layers (keys ending in '.absmax'): load it with "
+                     "minidiff.memory.load_quantized(model, path) instead.")
     raise ValueError("\n".join(parts))
 
 
