@@ -19,7 +19,9 @@ Contents, top to bottom:
     DiagonalGaussian      mean, logvar (clamped), std, var, sample, mode, kl
     SpatialSelfAttention  the mid-block attention: one head over all H*W pixels
     MidBlock2D, DownEncoderBlock2D, UpDecoderBlock2D, Encoder, Decoder
-    AutoencoderKL         encode / decode / forward, from_pretrained / save_pretrained
+    AutoencoderKL         encode / decode / forward, from_pretrained / save_pretrained,
+                          slicing (one image of the batch at a time) and tiling (overlapping
+                          tiles, blended linearly), as diffusers' enable_slicing / enable_tiling
 
 Module attribute names equal the diffusers checkpoint keys (encoder.down_blocks.0.resnets.0.conv1,
 encoder.mid_block.attentions.0.to_q, ...), so `load_state_dict(strict=True)` needs no key map.
@@ -29,7 +31,8 @@ References:
     Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Diffusion Models"
     CompVis latent-diffusion: ldm/modules/diffusionmodules/model.py (Encoder, Decoder, AttnBlock),
         ldm/modules/distributions/distributions.py (DiagonalGaussianDistribution)
-    diffusers: models/autoencoders/autoencoder_kl.py, models/autoencoders/vae.py (parity reference)
+    diffusers: models/autoencoders/autoencoder_kl.py, models/autoencoders/vae.py (parity reference;
+        also the reference for the tile size, the 0.25 overlap and the blend_v / blend_h scheme)
 """
 
 from __future__ import annotations
@@ -316,7 +319,7 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
     # -- encode / decode ---------------------------------------------------------------------
     # encode/decode are thin wrappers around _encode_one/_decode_one, the unit of work that
     # slicing (one image of the batch at a time) and tiling (one overlapping tile at a time,
-    # blended) will repeat when they are added. Neither is implemented yet.
+    # blended) repeat; see "slicing and tiling" below.
 
     def _encode_one(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) -> moments (B, 2*latent_channels, H/f, W/f)."""
@@ -333,13 +336,13 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
         """Images in [-1, 1], (B, 3, H, W) -> q(z | x). Take `.sample(generator)` or `.mode()` and
         multiply by config.scaling_factor before handing the latent to the UNet."""
         self._check_image(x)
-        return DiagonalGaussian(self._encode_one(x))
+        return DiagonalGaussian(self._encode_sliced(x))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents (B, latent_channels, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1].
         Divide the UNet's latent by config.scaling_factor first."""
         self._check_latent(z)
-        return self._decode_one(z)
+        return self._decode_sliced(z)
 
     def forward(self, x: torch.Tensor, sample_posterior: bool = False,
                 generator: torch.Generator | None = None) -> torch.Tensor:
@@ -347,3 +350,132 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z)
+
+    # -- slicing and tiling ------------------------------------------------------------------
+    # Two ways to bound the activation memory of encode/decode (diffusers' enable_slicing and
+    # enable_tiling; the weights are untouched, only the work is cut into pieces):
+    #   slicing  a batch of B images runs as B batches of one. Exact: every op of the VAE acts
+    #            on each image separately (GroupNorm normalises per image), so the result equals
+    #            the whole-batch one up to float summation order.
+    #   tiling   an image larger than the training size runs as overlapping tiles of that size;
+    #            the tiles' outputs are cross-faded where they overlap. Approximate: GroupNorm
+    #            statistics and the mid-block attention then see one tile instead of the whole
+    #            image, so a tiled result differs from an untiled one (no visible seams thanks to
+    #            the blend, but tile-to-tile tone shifts are possible).
+    # The switches are class attributes, so an instance starts with both off; enable_* / disable_*
+    # set them on the instance.
+
+    use_slicing: bool = False
+    use_tiling: bool = False
+    # Neighbouring tiles share a quarter of their side (diffusers' tile_overlap_factor).
+    tile_overlap_factor: float = 0.25
+
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time (peak activation memory of one image)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self) -> None:
+        """Encode images larger than `tile_sample_min_size` (and decode latents larger than
+        `tile_latent_min_size`) as overlapping tiles blended together (memory of one tile)."""
+        self.use_tiling = True
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    @property
+    def tile_sample_min_size(self) -> int:
+        """Tile side in pixels: config.sample_size (512 in SD 1.5's vae/config.json, 768 in SD 2.x's),
+        so tiling only changes images larger than that. A (height, width) sample_size uses its first
+        entry, as diffusers does for the latent tile."""
+        size = self.config.sample_size
+        return int(size[0] if isinstance(size, (list, tuple)) else size)
+
+    @property
+    def tile_latent_min_size(self) -> int:
+        """Tile side in latent pixels: tile_sample_min_size / f (64 for a 512 tile and f = 8)."""
+        return self.tile_sample_min_size // self.downsample_factor
+
+    def _encode_sliced(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_channels, H, W) -> moments, one image at a time when slicing is on."""
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([self._encode_tiled(one) for one in x.split(1)])  # B x (1, 2C, h, w) -> (B, 2C, h, w)
+        return self._encode_tiled(x)
+
+    def _decode_sliced(self, z: torch.Tensor) -> torch.Tensor:
+        """(B, latent_channels, h, w) -> images, one latent at a time when slicing is on."""
+        if self.use_slicing and z.shape[0] > 1:
+            return torch.cat([self._decode_tiled(one) for one in z.split(1)])  # B x (1, 3, H, W) -> (B, 3, H, W)
+        return self._decode_tiled(z)
+
+    def _encode_tiled(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(x.shape[-2:]) > self.tile_sample_min_size:
+            return self._run_tiled(x, self._encode_one, self.tile_sample_min_size, self.tile_latent_min_size)
+        return self._encode_one(x)
+
+    def _decode_tiled(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and max(z.shape[-2:]) > self.tile_latent_min_size:
+            return self._run_tiled(z, self._decode_one, self.tile_latent_min_size, self.tile_sample_min_size)
+        return self._decode_one(z)
+
+    def _run_tiled(self, x: torch.Tensor, fn, tile_in: int, tile_out: int) -> torch.Tensor:
+        """Apply `fn` (encoder or decoder) to overlapping tiles of x and stitch the outputs.
+
+        Input tiles of side tile_in start every `stride` = tile_in * (1 - overlap) pixels (the last
+        ones in each row and column are cut short by the image border). Each output tile (side about
+        tile_out) is cross-faded over `blend` = tile_out * overlap rows with the tile above it and
+        over `blend` columns with the tile to its left, then its first keep = tile_out - blend rows
+        and columns go into the result. Output tile (r, c) starts at r * stride_out (= r * keep for
+        SD's sizes), so the kept parts tile the output without gaps.
+
+        Tiles are blended in raster order and in place, each with its already-blended neighbours:
+        this is the exact order of diffusers' tiled_encode / tiled_decode (blend_v, then blend_h),
+        so the results agree to float rounding.
+        """
+        overlap = self.tile_overlap_factor
+        stride = int(tile_in * (1 - overlap))  # e.g. 64 * 0.75 = 48 latent pixels for SD decode
+        blend = int(tile_out * overlap)  # e.g. 512 * 0.25 = 128 image pixels
+        keep = tile_out - blend  # e.g. 384
+        H, W = x.shape[-2:]
+        tiles = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, W, stride)]
+                 for i in range(0, H, stride)]  # rows x cols of (B, C_out, <=tile_out, <=tile_out)
+        for r, row in enumerate(tiles):
+            for c, tile in enumerate(row):
+                if r > 0:
+                    self._blend_rows(tiles[r - 1][c], tile, blend)
+                if c > 0:
+                    self._blend_cols(row[c - 1], tile, blend)
+        rows = [torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3) for row in tiles]  # (B, C, keep, W')
+        return torch.cat(rows, dim=2)  # (B, C, H', W')
+
+    @staticmethod
+    def _ramp(extent: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights (1 - y/extent, y/extent) for y = 0 .. extent-1: the old tile fades out linearly
+        while the new one fades in. Computed in float64 and rounded once, like the Python floats
+        diffusers multiplies by."""
+        y = torch.arange(extent, dtype=torch.float64, device=like.device) / extent  # (extent,)
+        return (1 - y).to(like.dtype), y.to(like.dtype)
+
+    @classmethod
+    def _blend_rows(cls, above: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
+        """In place: the first `extent` rows of `tile` become a cross-fade from the last `extent`
+        rows of the tile above (diffusers' blend_v)."""
+        extent = min(above.shape[2], tile.shape[2], extent)
+        if extent == 0:
+            return
+        fade_out, fade_in = cls._ramp(extent, tile)
+        tile[:, :, :extent, :] = (above[:, :, -extent:, :] * fade_out[:, None]  # (B, C, extent, w) * (extent, 1)
+                                  + tile[:, :, :extent, :] * fade_in[:, None])
+
+    @classmethod
+    def _blend_cols(cls, left: torch.Tensor, tile: torch.Tensor, extent: int) -> None:
+        """In place: the first `extent` columns of `tile` become a cross-fade from the last
+        `extent` columns of the tile to its left (diffusers' blend_h)."""
+        extent = min(left.shape[3], tile.shape[3], extent)
+        if extent == 0:
+            return
+        fade_out, fade_in = cls._ramp(extent, tile)
+        # (B, C, h, extent) * (extent,): the weights broadcast along the last (width) axis
+        tile[:, :, :, :extent] = left[:, :, :, -extent:] * fade_out + tile[:, :, :, :extent] * fade_in

@@ -103,7 +103,10 @@ class StableDiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        """Where the sampling loop runs. With CPU offloading (minidiff/memory/offload.py) the weights
+        live on the CPU between calls, so the offload hooks record the execution device here."""
+        offload_device = getattr(self, "_offload_device", None)
+        return offload_device if offload_device is not None else next(self.unet.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -112,6 +115,24 @@ class StableDiffusionPipeline:
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    # Memory switches for the VAE, used by `decode_latents` (and DiffEdit's image encoding); see
+    # AutoencoderKL.enable_slicing / enable_tiling. Slicing gives the same images; tiling changes
+    # them slightly (each tile is normalised on its own) and only for images above sample_size.
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch of latents one image at a time (for large batches)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode (and encode) large images as overlapping tiles of the VAE's sample_size."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
 
     def set_progress_bar_config(self, **kwargs) -> None:
         self._progress_bar_config = kwargs
