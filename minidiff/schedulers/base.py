@@ -310,5 +310,14 @@ class Scheduler:
         for every scheduler (Karras-style schedulers divide by sqrt(sigma^2 + 1) here)."""
         return sample
 
+    @staticmethod
+    def _variance_noise(model_output: torch.Tensor, generator, variance_noise: torch.Tensor | None) -> torch.Tensor:
+        """z ~ N(0, I) for a stochastic step: the caller's `variance_noise`, or drawn from `generator`."""
+        if generator is not None and variance_noise is not None:
+            raise ValueError("Pass either `generator` or `variance_noise` to step, not both.")
+        if variance_noise is None:
+            variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
+        return variance_noise
+
     def _alpha_bar(self, t: int) -> float:
         return float(self.alphas_cumprod[t])

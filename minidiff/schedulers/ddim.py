@@ -39,7 +39,7 @@ import warnings
 
 import torch
 
-from minidiff.schedulers.base import Scheduler, SchedulerOutput, randn
+from minidiff.schedulers.base import Scheduler, SchedulerOutput
 
 
 class DDIMScheduler(Scheduler):
@@ -117,11 +117,7 @@ class DDIMScheduler(Scheduler):
         dir_xt = max(dir_scale_sq, 0.0) ** 0.5 * eps
         x_prev = alpha_bar_prev**0.5 * x0 + dir_xt
         if eta > 0:
-            if generator is not None and variance_noise is not None:
-                raise ValueError("Pass either `generator` or `variance_noise` to step, not both.")
-            if variance_noise is None:
-                variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
-            x_prev = x_prev + sigma_t * variance_noise
+            x_prev = x_prev + sigma_t * self._variance_noise(model_output, generator, variance_noise)
 
         if not return_dict:
             return x_prev, x0

@@ -36,7 +36,7 @@ import math
 import numpy as np
 import torch
 
-from minidiff.schedulers.base import Scheduler, SchedulerOutput, check_choice, randn
+from minidiff.schedulers.base import Scheduler, SchedulerOutput, check_choice
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -163,11 +163,7 @@ class DDPMScheduler(Scheduler):
             # eq. 7: posterior variance beta_tilde_t, floored at 1e-20 so that its log is finite
             beta_tilde = max((1 - alpha_bar_prev) / (1 - alpha_bar_t) * beta_t, 1e-20)
             sigma_t = self._sigma(beta_t, beta_tilde, predicted_variance)
-            if generator is not None and variance_noise is not None:
-                raise ValueError("Pass either `generator` or `variance_noise` to step, not both.")
-            if variance_noise is None:
-                variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
-            x_prev = x_prev + sigma_t * variance_noise
+            x_prev = x_prev + sigma_t * self._variance_noise(model_output, generator, variance_noise)
 
         if not return_dict:
             return x_prev, x0
