@@ -5,8 +5,16 @@ import os
 # (measured: 0.02 s of CPU per tiny UNet forward with one thread, 0.4-1.5 s with two under load).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import sys  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# Without a GPU, Triton kernels run through Triton's CPU interpreter. Triton reads this variable
+# when it is first imported (diffusers, transformers and torch._dynamo import it), so it must be
+# set here, before any test module loads; tests/test_flash_attention.py can then run in-process.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Tests never touch the network: any hub lookup must fail fast instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
