@@ -1,0 +1,533 @@
+"""Train the shapes-world model family (VAE, CLIP, UNet) and export it in the diffusers layout.
+
+Three plain training loops, one per component, in the order Stable Diffusion needs them:
+
+    train_vae   AutoencoderKL, f=8 (128x128x3 <-> 16x16x4): L1 reconstruction + a tiny KL term
+                (LDM paper, Rombach et al. 2022, section 3 and appendix G: "KL-reg" with weight ~1e-6).
+                Afterwards scaling_factor = 1 / std(latents), measured on training scenes
+                (SD's 0.18215 is the same rule applied to its VAE: LDM section 4.3.2).
+    train_clip  a small CLIP (Radford et al. 2021): causal text transformer on the real CLIP BPE
+                vocabulary + ViT (patch 16 on 128x128), trained with the symmetric InfoNCE loss and a
+                learnable temperature. Scenes with the same content (objects + background) in one
+                batch are positives of each other (soft targets), so no true match is pushed away.
+    train_unet  SD's UNet on 16x16x4 latents: epsilon prediction (DDPM, Ho et al. 2020, eq. 14) on
+                SD's scaled_linear schedule (0.00085..0.012, 1000 steps), frozen VAE and text encoder,
+                the caption dropped to "" 10% of the time so one network gives both the conditional
+                and the unconditional eps that classifier-free guidance needs (Ho & Salimans 2022),
+                AdamW with linear warmup and an EMA of the weights.
+    save_pipeline  assemble weights/shapes: model_index.json, unet/, vae/, text_encoder/,
+                tokenizer/, scheduler/ (SD's DDIM settings) and image_encoder/ (the vision tower),
+                weights stored in fp16 to keep the folder small.
+
+Every loop is seeded, draws its data from `scene_batches(seed, B, start=step * B)` (scene i of the
+stream has its own generator, so resuming needs only the step count), shows a tqdm bar, and writes a
+checkpoint (model, optimizer, EMA, step, torch RNG state) every `ckpt_every` steps: first to a
+temporary file, then os.replace, so a run killed mid-write never leaves a half-written checkpoint.
+`resume=True` continues from `<ckpt_dir>/<name>.pt`.
+
+Command line:
+    python -m minidiff.training.shapes.train vae  --steps 3000 --batch-size 8
+    python -m minidiff.training.shapes.train clip --steps 2000 --batch-size 32
+    python -m minidiff.training.shapes.train unet --steps 20000 --batch-size 16 --resume
+    python -m minidiff.training.shapes.train export --out weights/shapes
+    python -m minidiff.training.shapes.train eval   --out weights/shapes --n 60
+    (checkpoints default to /tmp/shapes_ckpt, or $SHAPES_CKPT_DIR / --ckpt-dir)
+
+References: LDM (Rombach et al. 2022), CLIP (Radford et al. 2021), DDPM (Ho et al. 2020),
+classifier-free guidance (Ho & Salimans 2022), the diffusers `train_text_to_image.py` example
+(what SD fine-tuning does per step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from minidiff.models.clip import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+from minidiff.models.unet import UNet2DConditionConfig, UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.schedulers.ddpm import DDPMScheduler
+from minidiff.tokenizer import CLIPTokenizer
+from minidiff.training.shapes.data import held_out_scenes, scene_batches, scenes_to_tensor
+
+ROOT = Path(__file__).resolve().parents[3]
+CLIP_TOKENIZER = ROOT / "weights" / "clip-tokenizer"
+DEFAULT_CKPT_DIR = Path(os.environ.get("SHAPES_CKPT_DIR", "/tmp/shapes_ckpt"))
+
+# CLIPImageProcessor's normalisation (OpenAI CLIP's training statistics): the vision tower sees
+# (x01 - mean) / std with x01 the image in [0, 1].
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# SD's training noise schedule (stable-diffusion v1-inference.yaml: linear_start/linear_end).
+SD_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+
+# ----------------------------------------------------------------------------------------------
+# Model configs (small enough to train on two CPU cores within an hour)
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, sample_size=128, layers_per_block=1,
+    block_out_channels=(16, 32, 64, 64), norm_num_groups=8,  # 4 levels: f = 2**3 = 8
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+)
+# Real CLIP vocabulary (49408 rows): any prompt a user types tokenizes into known ids, at a cost of
+# 49408 x 64 = 3.2M embedding parameters (6 MB in fp16), the largest single tensor of the family.
+TEXT_CONFIG = dict(
+    vocab_size=49408, hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=3,
+    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+    bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,  # SD 1.x pads with <|endoftext|>
+)
+VISION_CONFIG = dict(
+    hidden_size=64, intermediate_size=256, projection_dim=64, num_hidden_layers=3, num_attention_heads=4,
+    image_size=128, patch_size=16, hidden_act="quick_gelu",  # 8 x 8 = 64 patches + the class token
+)
+UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+    block_out_channels=(32, 64, 64), norm_num_groups=16, attention_head_dim=4,  # 4 heads of 8 / 16
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=TEXT_CONFIG["hidden_size"], use_linear_projection=False,
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic write, resume
+
+
+def save_checkpoint(state: dict, path: Path) -> None:
+    """torch.save to `path.tmp`, then os.replace: readers see the old file or the new one, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+
+
+def _start(name: str, ckpt_dir, resume: bool, modules: dict, optimizer, generator) -> int:
+    """Restore a run from `<ckpt_dir>/<name>.pt` when resuming; return the step to start at."""
+    path = Path(ckpt_dir) / f"{name}.pt"
+    state = load_checkpoint(path) if resume else None
+    if state is None:
+        if resume:
+            print(f"[{name}] no checkpoint at {path}; starting from step 0")
+        return 0
+    for key, module in modules.items():
+        module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["rng"])
+    print(f"[{name}] resumed from {path} at step {state['step']}")
+    return state["step"]
+
+
+def _save(name: str, ckpt_dir, step: int, modules: dict, optimizer, generator, extra: dict | None = None) -> None:
+    state = {key: m.state_dict() for key, m in modules.items()}
+    state.update(optimizer=optimizer.state_dict(), rng=generator.get_state(), step=step, **(extra or {}))
+    save_checkpoint(state, Path(ckpt_dir) / f"{name}.pt")
+
+
+def _out_of_time(t_start: float, max_minutes: float | None) -> bool:
+    return max_minutes is not None and time.time() - t_start > 60 * max_minutes
+
+
+def _lr_at(step: int, lr: float, warmup: int) -> float:
+    return lr * min(1.0, (step + 1) / max(warmup, 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# VAE
+
+
+@torch.no_grad()
+def measure_latent_std(vae: AutoencoderKL, n: int = 512, seed: int = 12345, batch_size: int = 64) -> float:
+    """Std of posterior samples z over n training scenes (SD's 0.18215 = 1 / this for its VAE)."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+    batches = scene_batches(seed, batch_size)
+    zs = [vae.encode(next(batches).images).sample(g) for _ in range(math.ceil(n / batch_size))]  # (B, 4, 16, 16) each
+    return torch.cat(zs).std().item()
+
+
+def train_vae(out_dir=DEFAULT_CKPT_DIR, steps: int = 3000, batch_size: int = 8, seed: int = 0,
+              lr: float = 1e-3, kl_weight: float = 1e-6, warmup: int = 100, ckpt_every: int = 200,
+              resume: bool = False, config: dict | None = None, max_minutes: float | None = None,
+              std_scenes: int = 512, progress: bool = True) -> AutoencoderKL:
+    """Train the f=8 autoencoder; saves `<out_dir>/vae/` (diffusers layout) with a measured scaling_factor."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(AutoencoderKLConfig(**(config or VAE_CONFIG)))
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)  # the posterior noise
+    step = _start("vae", out_dir, resume, {"model": vae}, opt, g)
+
+    batches = scene_batches(seed, batch_size, start=step * batch_size)
+    vae.train()
+    t_start = time.time()
+    bar = tqdm(range(step, steps), desc="vae", disable=not progress, initial=step, total=steps)
+    for step in bar:
+        x = next(batches).images  # (B, 3, 128, 128) in [-1, 1]
+        posterior = vae.encode(x)
+        z = posterior.sample(g)  # (B, 4, 16, 16)
+        x_hat = vae.decode(z)
+        rec = F.l1_loss(x_hat, x)
+        kl = posterior.kl().mean()  # per image, summed over the 4x16x16 latent
+        loss = rec + kl_weight * kl
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        bar.set_postfix(l1=f"{rec.item():.4f}", kl=f"{kl.item():.0f}")
+        done = step + 1 == steps or _out_of_time(t_start, max_minutes)
+        if (step + 1) % ckpt_every == 0 or done:
+            _save("vae", out_dir, step + 1, {"model": vae}, opt, g)
+        if done:
+            break
+
+    vae.eval()
+    std = measure_latent_std(vae, n=std_scenes)
+    vae.config.scaling_factor = 1.0 / std
+    vae.save_pretrained(out_dir / "vae")
+    print(f"[vae] latent std {std:.4f} -> scaling_factor {vae.config.scaling_factor:.5f}")
+    return vae
+
+
+@torch.no_grad()
+def evaluate_vae(vae: AutoencoderKL, n: int = 200, judge=None) -> dict:
+    """PSNR of held-out reconstructions (images in [0, 1]) and the judge's accuracy on them."""
+    from minidiff.training.shapes.judge import evaluate_judge, load_judge
+
+    scenes = held_out_scenes("val", n)
+    x = scenes_to_tensor(scenes)
+
+    def reconstruct(images):
+        return torch.cat([vae(images[i:i + 50]).clamp(-1, 1) for i in range(0, len(images), 50)])
+
+    x_hat = reconstruct(x)
+    mse = ((x_hat - x) / 2).pow(2).mean(dim=(1, 2, 3))  # per image, on the [0, 1] scale
+    psnr = (10 * torch.log10(1.0 / mse)).mean().item()
+    judge = judge or load_judge()
+    return {"psnr": psnr, "judge_on_reconstructions": evaluate_judge(judge, scenes, degrade=reconstruct),
+            "judge_on_originals": evaluate_judge(judge, scenes)}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP
+
+
+def load_tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(CLIP_TOKENIZER, subfolder=None)
+
+
+def clip_pixels(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] -> CLIPImageProcessor's normalisation."""
+    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    return ((images + 1) / 2 - mean) / std
+
+
+class ShapesCLIP(torch.nn.Module):
+    """The two towers and the learnable temperature, trained together, saved separately."""
+
+    def __init__(self, text_config: dict, vision_config: dict):
+        super().__init__()
+        self.text = CLIPTextModel(CLIPTextConfig(**text_config))
+        # The text projection lives here (CLIPModel's `text_projection`); the UNet only reads the
+        # text encoder's last hidden state, so the shipped text_encoder is a plain CLIPTextModel.
+        self.text_projection = torch.nn.Linear(text_config["hidden_size"], text_config["projection_dim"], bias=False)
+        self.vision = CLIPVisionModelWithProjection(CLIPVisionConfig(**vision_config))
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(1 / 0.07)))  # CLIP's initial tau = 0.07
+
+    def embed_text(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_projection(self.text(ids).pooler_output), dim=-1)  # (B, P)
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.vision(clip_pixels(images)).image_embeds, dim=-1)  # (B, P)
+
+
+def scene_key(scene) -> tuple:
+    """What a caption says about a scene, ignoring object order and template wording."""
+    return tuple(sorted(scene.object_pairs())), scene.background
+
+
+def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 2000, batch_size: int = 32, seed: int = 0,
+               lr: float = 1e-3, warmup: int = 100, ckpt_every: int = 200, resume: bool = False,
+               text_config: dict | None = None, vision_config: dict | None = None,
+               max_minutes: float | None = None, progress: bool = True) -> ShapesCLIP:
+    """Contrastive training; saves `<out_dir>/text_encoder/` and `<out_dir>/image_encoder/`."""
+    out_dir = Path(out_dir)
+    torch.manual_seed(seed)
+    clip = ShapesCLIP(text_config or TEXT_CONFIG, vision_config or VISION_CONFIG)
+    opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)  # unused by the loss; kept so every run resumes alike
+    step = _start("clip", out_dir, resume, {"model": clip}, opt, g)
+    tok = load_tokenizer()
+
+    batches = scene_batches(seed + 1, batch_size, start=step * batch_size)
+    clip.train()
+    t_start = time.time()
+    bar = tqdm(range(step, steps), desc="clip", disable=not progress, initial=step, total=steps)
+    for step in bar:
+        batch = next(batches)
+        ids = tok(batch.captions).input_ids  # (B, 77), padded with <|endoftext|> as SD does
+        t = clip.embed_text(ids)
+        v = clip.embed_images(batch.images)
+        logits = clip.logit_scale.exp().clamp(max=100) * v @ t.T  # (B_images, B_texts)
+        # InfoNCE with soft targets: every caption of the same content is a correct match.
+        keys = [scene_key(s) for s in batch.scenes]
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32)  # (B, B)
+        target = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
+                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", T=f"{1 / clip.logit_scale.exp().item():.3f}")
+        done = step + 1 == steps or _out_of_time(t_start, max_minutes)
+        if (step + 1) % ckpt_every == 0 or done:
+            _save("clip", out_dir, step + 1, {"model": clip}, opt, g)
+        if done:
+            break
+
+    clip.eval()
+    clip.text.save_pretrained(out_dir / "text_encoder")
+    clip.vision.save_pretrained(out_dir / "image_encoder")
+    torch.save(clip.text_projection.state_dict(), out_dir / "clip_text_projection.pt")
+    return clip
+
+
+@torch.no_grad()
+def evaluate_clip(clip: ShapesCLIP, n: int = 200) -> dict:
+    """Held-out retrieval: for each image, is the best-scoring caption (among the n canonical
+    captions) one with the image's content? And the same from captions to images."""
+    scenes = held_out_scenes("val", n)
+    tok = load_tokenizer()
+    t = clip.embed_text(tok([s.caption for s in scenes]).input_ids)
+    v = clip.embed_images(scenes_to_tensor(scenes))
+    sim = v @ t.T  # (images, captions)
+    keys = [scene_key(s) for s in scenes]
+    i2t = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(dim=1))) / n
+    t2i = sum(keys[int(i)] == keys[j] for j, i in enumerate(sim.argmax(dim=0))) / n
+    return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "n": n}
+
+
+# ----------------------------------------------------------------------------------------------
+# UNet
+
+
+class TextCache:
+    """The frozen text encoder's last hidden state per caption (the shapes world has only a few
+    thousand distinct captions, so each is encoded once)."""
+
+    def __init__(self, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer):
+        self.text_encoder, self.tokenizer, self.cache = text_encoder, tokenizer, {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        for c in captions:
+            if c not in self.cache:
+                # One caption at a time: its states then do not depend on which other captions
+                # shared its batch (matmul blocking changes with the batch), so a resumed run
+                # sees bit-identical context to an uninterrupted one.
+                self.cache[c] = self.text_encoder(self.tokenizer([c]).input_ids).last_hidden_state[0]  # (77, D)
+        return torch.stack([self.cache[c] for c in captions])  # (B, 77, D)
+
+
+def train_unet(out_dir=DEFAULT_CKPT_DIR, steps: int = 20000, batch_size: int = 16, seed: int = 0,
+               lr: float = 1e-3, warmup: int = 200, ema_decay: float = 0.999, cfg_drop: float = 0.1,
+               ckpt_every: int = 250, resume: bool = False, config: dict | None = None,
+               max_minutes: float | None = None, progress: bool = True) -> UNet2DConditionModel:
+    """Train the UNet on frozen VAE latents and frozen text states (read from `out_dir`);
+    saves `<out_dir>/unet/` with the EMA weights. `max_minutes` stops early (with a checkpoint)."""
+    out_dir = Path(out_dir)
+    vae = AutoencoderKL.from_pretrained(out_dir / "vae").requires_grad_(False)
+    text = TextCache(CLIPTextModel.from_pretrained(out_dir / "text_encoder").requires_grad_(False), load_tokenizer())
+    scale = vae.config.scaling_factor
+    noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
+
+    torch.manual_seed(seed)
+    cfg = dict(config or UNET_CONFIG, cross_attention_dim=text.text_encoder.config.hidden_size)
+    unet = UNet2DConditionModel(UNet2DConditionConfig(**cfg))
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)  # latents' posterior noise, eps, t and caption dropout
+    step = _start("unet", out_dir, resume, {"model": unet, "ema": ema}, opt, g)
+
+    batches = scene_batches(seed + 2, batch_size, start=step * batch_size)
+    unet.train()
+    t_start = time.time()
+    bar = tqdm(range(step, steps), desc="unet", disable=not progress, initial=step, total=steps)
+    for step in bar:
+        batch = next(batches)
+        with torch.no_grad():
+            x_0 = vae.encode(batch.images).sample(g) * scale  # (B, 4, 16, 16), about unit variance
+        drop = torch.rand(batch_size, generator=g) < cfg_drop
+        captions = ["" if d else c for c, d in zip(batch.captions, drop.tolist())]
+        context = text(captions)  # (B, 77, D)
+        eps = torch.randn(x_0.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g)
+        x_t = noise_scheduler.add_noise(x_0, eps, t)  # DDPM eq. 4
+        loss = F.mse_loss(unet(x_t, t, context), eps)  # DDPM eq. 14 (the "simple" loss)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(step, lr, warmup)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        # EMA with the usual warmup: early on the average follows the weights closely.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for p_ema, p in zip(ema.parameters(), unet.parameters()):
+                p_ema.lerp_(p, 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        done = step + 1 == steps or _out_of_time(t_start, max_minutes)
+        if (step + 1) % ckpt_every == 0 or done:
+            _save("unet", out_dir, step + 1, {"model": unet, "ema": ema}, opt, g)
+        if done:
+            break
+
+    ema.eval().save_pretrained(out_dir / "unet")
+    return ema
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+
+
+def _fp16(module: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(module).to(torch.float16)
+
+
+def save_pipeline(out_dir=ROOT / "weights" / "shapes", ckpt_dir=DEFAULT_CKPT_DIR, dtype=torch.float16) -> Path:
+    """Assemble the diffusers layout in `out_dir` from the trained components in `ckpt_dir`.
+
+    The judge (out_dir/judge) is left alone. Weights are cast to `dtype` (fp16: half the size)."""
+    out_dir, ckpt_dir = Path(out_dir), Path(ckpt_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for sub, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL), ("text_encoder", CLIPTextModel),
+                     ("image_encoder", CLIPVisionModelWithProjection)):
+        model = cls.from_pretrained(ckpt_dir / sub).to(dtype)
+        if (out_dir / sub).exists():
+            shutil.rmtree(out_dir / sub)
+        model.save_pretrained(out_dir / sub)
+    (out_dir / "image_encoder" / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 128},
+        "do_center_crop": True, "crop_size": {"height": 128, "width": 128}, "do_rescale": True,
+        "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "do_convert_rgb": True, "resample": 3}, indent=2))
+
+    tok = out_dir / "tokenizer"
+    tok.mkdir(exist_ok=True)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(CLIP_TOKENIZER / name, tok / name)
+    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+               "pad_token": "<|endoftext|>"}
+    (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
+    (tok / "tokenizer_config.json").write_text(json.dumps(
+        {**special, "model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}, indent=2))
+
+    (out_dir / "scheduler").mkdir(exist_ok=True)
+    (out_dir / "scheduler" / "scheduler_config.json").write_text(json.dumps({
+        "_class_name": "DDIMScheduler", **SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False,
+        "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon", "trained_betas": None},
+        indent=2))
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (out_dir / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out_dir
+
+
+def folder_size_mb(folder, exclude=("judge",)) -> float:
+    folder = Path(folder)
+    return sum(p.stat().st_size for p in folder.rglob("*")
+               if p.is_file() and p.relative_to(folder).parts[0] not in exclude) / 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# Text-to-image evaluation with the judge
+
+
+@torch.no_grad()
+def evaluate_text_to_image(folder=ROOT / "weights" / "shapes", n: int = 60, steps: int = 25,
+                           guidance_scale: float = 6.0, seed: int = 0, batch_size: int = 20) -> dict:
+    """Single-object held-out prompts -> images -> judge.classify_single; accuracy of colour, shape, both."""
+    from minidiff.pipelines.text_to_image import StableDiffusionPipeline
+    from minidiff.training.shapes.judge import load_judge
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    judge = load_judge()
+    scenes = held_out_scenes("test", n, num_objects=1)
+    ok_c = ok_s = ok_both = 0
+    for i in tqdm(range(0, n, batch_size), desc="t2i eval"):
+        chunk = scenes[i:i + batch_size]
+        g = torch.Generator().manual_seed(seed + i)
+        images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
+                      generator=g, output_type="pt").images  # (B, 3, 128, 128) in [0, 1]
+        for scene, image in zip(chunk, images):
+            r = judge.classify_single(image)
+            c, s = r.colour == scene.objects[0].colour, r.shape == scene.objects[0].shape
+            ok_c, ok_s, ok_both = ok_c + c, ok_s + s, ok_both + (c and s)
+    return {"colour": ok_c / n, "shape": ok_s / n, "both": ok_both / n, "n": n, "steps": steps,
+            "guidance_scale": guidance_scale}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["vae", "clip", "unet", "export", "eval"])
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT_DIR))
+    p.add_argument("--out", default=str(ROOT / "weights" / "shapes"))
+    p.add_argument("--n", type=int, default=60)
+    args = p.parse_args(argv)
+    kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    t0 = time.time()
+    if args.what == "vae":
+        vae = train_vae(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+        print(json.dumps(evaluate_vae(vae), indent=2))
+    elif args.what == "clip":
+        clip = train_clip(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+        print(json.dumps(evaluate_clip(clip), indent=2))
+    elif args.what == "unet":
+        train_unet(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+    elif args.what == "export":
+        save_pipeline(args.out, args.ckpt_dir)
+        print(f"{args.out}: {folder_size_mb(args.out):.1f} MB (without the judge)")
+    else:
+        print(json.dumps(evaluate_text_to_image(args.out, n=args.n), indent=2))
+    print(f"wall time {time.time() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
