@@ -189,6 +189,18 @@ def nf4_nbytes(numel: int, block_size: int = 64, double_quant: bool = False) -> 
     return (numel + 1) // 2 + stats
 
 
+def _register_nf4_buffers(module: nn.Module, n: int, block_size: int, double_quant: bool, device) -> None:
+    """Empty buffers for an n-element weight: packed codes (two per byte), one absmax per block
+    (8-bit codes plus nested statistics with double quantisation)."""
+    num_blocks = math.ceil(n / block_size)
+    module.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
+    absmax_dtype = torch.uint8 if double_quant else torch.float32
+    module.register_buffer("absmax", torch.empty(num_blocks, dtype=absmax_dtype, device=device))
+    if double_quant:
+        module.register_buffer("nested_absmax", torch.empty(math.ceil(num_blocks / NESTED_BLOCK_SIZE), device=device))
+        module.register_buffer("nested_offset", torch.empty((), device=device))
+
+
 class LinearNF4(nn.Module):
     """nn.Linear with an NF4 weight: packed codes and statistics are buffers, the bias a parameter."""
 
@@ -203,15 +215,8 @@ class LinearNF4(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.double_quant = block_size, double_quant
         self.dtype, self.compute_dtype = dtype, compute_dtype
-        n = in_features * out_features
-        num_blocks = math.ceil(n / block_size)
         # The buffers are placeholders: `from_linear` or a state dict (load_quantized) fills them.
-        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
-        absmax_dtype = torch.uint8 if double_quant else torch.float32
-        self.register_buffer("absmax", torch.empty(num_blocks, dtype=absmax_dtype, device=device))
-        if double_quant:
-            self.register_buffer("nested_absmax", torch.empty(math.ceil(num_blocks / NESTED_BLOCK_SIZE), device=device))
-            self.register_buffer("nested_offset", torch.empty((), device=device))
+        _register_nf4_buffers(self, in_features * out_features, block_size, double_quant, device)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -274,15 +279,9 @@ class Conv2dNF4(nn.Module):
         self.padding = padding if isinstance(padding, str) else pair(padding)  # "same" / "valid" kept as is
         self.block_size, self.double_quant = block_size, double_quant
         self.dtype, self.compute_dtype = dtype, compute_dtype
-        n = out_channels * (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
-        num_blocks = math.ceil(n / block_size)
         # Placeholders, as in LinearNF4: from_conv or a state dict fills them.
-        self.register_buffer("weight", torch.empty((n + 1) // 2, 1, dtype=torch.uint8, device=device))
-        absmax_dtype = torch.uint8 if double_quant else torch.float32
-        self.register_buffer("absmax", torch.empty(num_blocks, dtype=absmax_dtype, device=device))
-        if double_quant:
-            self.register_buffer("nested_absmax", torch.empty(math.ceil(num_blocks / NESTED_BLOCK_SIZE), device=device))
-            self.register_buffer("nested_offset", torch.empty((), device=device))
+        n = out_channels * (in_channels // groups) * self.kernel_size[0] * self.kernel_size[1]
+        _register_nf4_buffers(self, n, block_size, double_quant, device)
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_channels, dtype=dtype, device=device), requires_grad=False)
