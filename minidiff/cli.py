@@ -7,6 +7,8 @@
                                   mask and a panel original | mask overlay | edited
     minidiff check MODEL          compare every component of a checkpoint with diffusers/transformers
     minidiff tiny-random DIR      write a tiny random SD checkpoint (diffusers layout) to try things on
+    minidiff train-shapes WHAT    train / export / evaluate the shapes-world models (WHAT: vae, clip,
+                                  unet, export, eval, eval-edit; `minidiff train-shapes -h` for options)
 
 Errors a user can fix (a wrong path, a bad value) are printed as one sentence on stderr and the
 command exits with status 2, without a traceback.
@@ -86,7 +88,8 @@ def _mask(pipe, image, args):
 
 def _invert(pipe, image, args):
     return pipe.invert(prompt=args.source, image=image, num_inference_steps=args.steps,
-                       inpaint_strength=args.strength, guidance_scale=args.guidance, generator=_generator(args.seed))
+                       inpaint_strength=args.strength, guidance_scale=args.guidance if args.invert_guidance is None
+                       else args.invert_guidance, generator=_generator(args.seed))
 
 
 def cmd_mask(args) -> int:
@@ -126,7 +129,8 @@ def cmd_edit(args) -> int:
     pipe = _load_pipeline(DiffEditPipeline, args)
     mask = _mask(pipe, image, args)
     inv = _invert(pipe, image, args)
-    edited = pipe(prompt=args.target, negative_prompt=args.source, mask_image=mask, image_latents=inv,
+    negative = args.source if args.negative_prompt is None else args.negative_prompt
+    edited = pipe(prompt=args.target, negative_prompt=negative, mask_image=mask, image_latents=inv,
                   num_inference_steps=args.steps, inpaint_strength=args.strength, guidance_scale=args.guidance,
                   generator=_generator(args.seed), blend=args.blend).images[0]
     big_mask = mask.resize(image.size)
@@ -183,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--threshold", type=float, default=3.0, help="mask_thresholding_ratio")
         if invert:
             p.add_argument("--strength", type=float, default=0.8, help="inpaint_strength: how far to invert")
+            p.add_argument("--invert-guidance", type=float, default=None,
+                           help="guidance scale of the inversion (default: --guidance, as diffusers; 1 = plain "
+                                "DDIM inversion, the most faithful)")
 
     p = sub.add_parser("generate", help="text-to-image")
     p.add_argument("prompt")
@@ -206,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("edit", help="DiffEdit: mask + inversion + masked denoising")
     diffedit_args(p)
     p.add_argument("--blend", choices=["diffusers", "aligned"], default="diffusers")
+    p.add_argument("--negative-prompt", default=None,
+                   help="negative prompt of the masked denoising; default: the source prompt (diffusers' "
+                        "DiffEdit example); \"\" (unconditional) suits the small shapes model better")
     common(p)
     p.set_defaults(func=cmd_edit)
 
@@ -224,7 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=cmd_tiny_random)
+
+    p = sub.add_parser("train-shapes", help="train, export and evaluate the shapes-world models",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of minidiff.training.shapes.train")
+    p.set_defaults(func=cmd_train_shapes)
     return parser
+
+
+def cmd_train_shapes(args) -> int:
+    from minidiff.training.shapes.train import main as train_main
+
+    train_main(args.rest, prog="minidiff train-shapes")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def run_all(folder: Path, steps: int = 2, resume: bool = False):
     kw = dict(seed=0, progress=False, resume=resume, ckpt_every=1)
     vae = T.train_vae(folder, steps=steps, batch_size=2, config=TINY_VAE, std_scenes=4, **kw)
     clip = T.train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION, **kw)
-    unet = T.train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET, **kw)
+    unet = T.train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET, pool_size=8, **kw)
     return vae, clip, unet
 
 
@@ -96,7 +96,7 @@ def test_resume_continues_exactly(two_runs, tmp_path):
         "clip": lambda folder, steps, resume: T.train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT,
                                                            vision_config=TINY_VISION, resume=resume, **kw),
         "unet": lambda folder, steps, resume: T.train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET,
-                                                           resume=resume, **kw),
+                                                           pool_size=8, resume=resume, **kw),
     }
     for name, run in runs.items():
         run(split, 2, False)
