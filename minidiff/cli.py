@@ -87,9 +87,9 @@ def _mask(pipe, image, args):
 
 
 def _invert(pipe, image, args):
+    guidance = args.guidance if args.invert_guidance is None else args.invert_guidance
     return pipe.invert(prompt=args.source, image=image, num_inference_steps=args.steps,
-                       inpaint_strength=args.strength, guidance_scale=args.guidance if args.invert_guidance is None
-                       else args.invert_guidance, generator=_generator(args.seed))
+                       inpaint_strength=args.strength, guidance_scale=guidance, generator=_generator(args.seed))
 
 
 def cmd_mask(args) -> int:

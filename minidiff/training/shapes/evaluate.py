@@ -14,7 +14,7 @@
         other kept          two-object scenes: the judge still sees the other object's colour
                             and shape in its box
 
-Everything is seeded; `fast_quality_sample` is the small fixed sample the test suite runs.
+Everything is seeded; tests/test_shapes_quality.py runs these on a small fixed sample.
 """
 
 from __future__ import annotations
@@ -151,12 +151,22 @@ def evaluate_diffedit(folder=SHAPES_MODEL, n: int = 200, seed: int = 0, batch_si
 
 
 @torch.no_grad()
+def reconstruct(vae, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
+    """decode(posterior mean) of images (B, 3, H, W) in [-1, 1], clamped to [-1, 1], in chunks."""
+    return torch.cat([vae(images[i:i + batch_size]).clamp(-1, 1) for i in range(0, len(images), batch_size)])
+
+
+def mean_psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
+    """Mean over images of the PSNR (dB) on the [0, 1] scale; both (B, 3, H, W) in [-1, 1]."""
+    mse = ((x_hat - x) / 2).pow(2).mean(dim=(1, 2, 3))  # per image, on the [0, 1] scale
+    return float((10 * torch.log10(1.0 / mse)).mean())
+
+
+@torch.no_grad()
 def evaluate_vae_psnr(folder=SHAPES_MODEL, n: int = 200) -> float:
     """Mean PSNR (dB, [0, 1] scale) of VAE reconstructions (posterior mean) of held-out scenes."""
     from minidiff.models.vae import AutoencoderKL
 
     vae = AutoencoderKL.from_pretrained(Path(folder) / "vae", torch_dtype=torch.float32)
     x = scenes_to_tensor(held_out_scenes("val", n))
-    x_hat = torch.cat([vae.decode(vae.encode(x[i:i + 50]).mean).clamp(-1, 1) for i in range(0, n, 50)])
-    mse = ((x_hat - x) / 2).pow(2).mean(dim=(1, 2, 3))
-    return float((10 * torch.log10(1.0 / mse)).mean())
+    return mean_psnr(reconstruct(vae, x), x)

@@ -60,7 +60,7 @@ from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from minidiff.schedulers.ddpm import DDPMScheduler
 from minidiff.tokenizer import CLIPTokenizer
 from minidiff.training.shapes.data import held_out_scenes, scene_batches, scenes_to_tensor
-from minidiff.training.shapes.evaluate import evaluate_diffedit, evaluate_text_to_image
+from minidiff.training.shapes.evaluate import evaluate_diffedit, evaluate_text_to_image, mean_psnr, reconstruct
 
 ROOT = Path(__file__).resolve().parents[3]
 CLIP_TOKENIZER = ROOT / "weights" / "clip-tokenizer"
@@ -243,20 +243,14 @@ def train_vae(out_dir=DEFAULT_CKPT_DIR, steps: int = 4000, batch_size: int = 16,
 
 @torch.no_grad()
 def evaluate_vae(vae: AutoencoderKL, n: int = 200, judge=None) -> dict:
-    """PSNR of held-out reconstructions (images in [0, 1]) and the judge's accuracy on them."""
+    """PSNR of held-out reconstructions (posterior mean; images in [0, 1]) and the judge's accuracy on them."""
     from minidiff.training.shapes.judge import evaluate_judge, load_judge
 
     scenes = held_out_scenes("val", n)
     x = scenes_to_tensor(scenes)
-
-    def reconstruct(images):
-        return torch.cat([vae(images[i:i + 50]).clamp(-1, 1) for i in range(0, len(images), 50)])
-
-    x_hat = reconstruct(x)
-    mse = ((x_hat - x) / 2).pow(2).mean(dim=(1, 2, 3))  # per image, on the [0, 1] scale
-    psnr = (10 * torch.log10(1.0 / mse)).mean().item()
     judge = judge or load_judge()
-    return {"psnr": psnr, "judge_on_reconstructions": evaluate_judge(judge, scenes, degrade=reconstruct),
+    return {"psnr": mean_psnr(reconstruct(vae, x), x),
+            "judge_on_reconstructions": evaluate_judge(judge, scenes, degrade=lambda images: reconstruct(vae, images)),
             "judge_on_originals": evaluate_judge(judge, scenes)}
 
 
