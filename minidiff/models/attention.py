@@ -16,6 +16,11 @@ Choose globally with `set_attention_backend("math")` or for a block of code with
 
 Every model calls `attention(q, k, v, ...)` with q, k, v shaped (B, heads, N, d); the module names
 (`to_q`, `to_k`, `to_v`, `to_out.0`) equal the diffusers checkpoint keys.
+
+Attention slicing (diffusers' `enable_attention_slicing` / `UNet2DConditionModel.set_attention_slice`):
+`set_attention_slice(model, "auto" | "max" | n | None)` sets `Attention.slice_size`, and each layer
+then runs its B*heads (sample, head) pairs through `attention()` n at a time, so the scores of the
+"math" backend exist for n pairs at once instead of all B*heads. Same result, less peak memory.
 """
 
 from __future__ import annotations
@@ -144,7 +149,13 @@ class Attention(nn.Module):
 
     Self-attention when `context` is None, cross-attention otherwise (queries from the image
     tokens, keys and values from the text tokens). x: (B, N, query_dim), context: (B, M, context_dim).
+
+    `slice_size` (None: off) computes the attention `slice_size` (sample, head) pairs at a time;
+    set it with `set_attention_slice` below. A plain attribute, not a parameter or buffer: the
+    state_dict is the same either way.
     """
+
+    slice_size: int | None = None
 
     def __init__(
         self,
@@ -173,6 +184,81 @@ class Attention(nn.Module):
         q = self.to_q(x).view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
         k = self.to_k(context).view(B, -1, H, d).transpose(1, 2)  # (B, H, M, d)
         v = self.to_v(context).view(B, -1, H, d).transpose(1, 2)  # (B, H, M, d)
-        out = attention(q, k, v, mask=mask, upcast=self.upcast)  # (B, H, N, d)
+        if self.slice_size is None or self.slice_size >= B * H:  # one slice would be everything
+            out = attention(q, k, v, mask=mask, upcast=self.upcast)  # (B, H, N, d)
+        else:
+            # The same values, slice_size of the B*H (sample, head) pairs per call: the "math"
+            # backend's peak score memory drops to slice_size / (B*H) of the call above.
+            out = self._sliced_attention(q, k, v, mask)  # (B, H, N, d)
         out = out.transpose(1, 2).reshape(B, N, H * d)  # (B, N, H*d)
         return self.to_out[0](out)
+
+    def _sliced_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention of forward(), `slice_size` rows of the flattened (B*H) axis at a time.
+
+        Row r is head r % H of sample r // H (the order of diffusers' SlicedAttnProcessor), so a
+        slice may hold heads of two samples. Each slice goes through `attention()` as one batch of
+        `slice_size` heads, so the backend switch applies to it as to the unsliced call.
+
+        Memory saved: the "math" backend holds the fp32 scores and probabilities, (B*H, N, M)
+        each, for the whole call; sliced, only (slice_size, N, M) of them exist at a time, so the
+        peak score memory is slice_size / (B*H) of the unsliced one (e.g. 1/16 for "max" with
+        SD's 8 heads and a classifier-free-guidance batch of 2). The fused backends ("sdpa",
+        "triton") keep no full score matrix to begin with; for them slicing mostly adds calls.
+        """
+        B, H, N, d = q.shape
+        rows, step = B * H, self.slice_size
+        if step < 1:
+            raise ValueError(f"Attention.slice_size must be a positive number of heads, got {step}.")
+        q, k, v = (t.reshape(rows, t.shape[2], d) for t in (q, k, v))  # (B*H, N or M, d)
+        # A mask with a batch or head axis is cut along the same rows as q, k and v; one without
+        # (e.g. (Nq, Nk)) is shared by every row and passed on unchanged.
+        per_row = mask is not None and mask.dim() >= 3 and _mask_4d(mask).shape[:2] != (1, 1)
+        if per_row:
+            mask = _mask_4d(mask).expand(B, H, *mask.shape[-2:])  # a view: nothing is copied
+        out = q.new_empty(rows, N, d)  # attention() returns q's dtype
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            m = mask
+            if per_row:
+                r = torch.arange(start, stop, device=mask.device)
+                m = mask[r // H, r % H].unsqueeze(0)  # (1, stop - start, Nq or 1, Nk): this slice only
+            out[start:stop] = attention(q[start:stop].unsqueeze(0), k[start:stop].unsqueeze(0),
+                                        v[start:stop].unsqueeze(0), mask=m, upcast=self.upcast)[0]
+        return out.view(B, H, N, d)
+
+
+def set_attention_slice(model: nn.Module, slice_size: int | str | None = "auto") -> None:
+    """Turn attention slicing on or off for every `Attention` module in `model`, as diffusers'
+    `UNet2DConditionModel.set_attention_slice` (and `pipe.enable_attention_slicing`) does.
+
+    slice_size: how many (sample, head) pairs each attention call computes at once, out of the
+    B*heads pairs of a layer:
+        "auto"  half of each layer's head count (two slices per sample; SD 1.5: 4 of 8 heads)
+        "max"   1: one head of one sample at a time, the least memory and the most calls
+        int n   n for every layer; must be between 1 and the smallest head count of the layers
+        None    off: every layer computes all pairs in one call again
+    diffusers validates the same way (it refuses a size above a layer's head count). Two
+    differences: a one-head layer (the VAE's mid-block attention) gets 1 for "auto", where
+    diffusers' half (0) would fail at the first forward; and diffusers' per-layer list of sizes
+    is not taken here.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, Attention)]
+    named = isinstance(slice_size, str) and slice_size in ("auto", "max")
+    is_int = isinstance(slice_size, int) and not isinstance(slice_size, bool)
+    if not (slice_size is None or named or is_int):
+        raise ValueError(f"slice_size must be 'auto', 'max', a positive int or None, got {slice_size!r}.")
+    if is_int and slice_size < 1:
+        raise ValueError(f"slice_size must be at least 1 (the number of heads computed at once), got {slice_size}.")
+    for name, m in layers:  # every layer is checked before any is changed
+        if is_int and slice_size > m.num_heads:
+            raise ValueError(f"slice_size {slice_size} is larger than the {m.num_heads} heads of attention "
+                             f"layer {name!r}; use at most {m.num_heads}, or 'auto' or 'max'.")
+    for _, m in layers:
+        if slice_size == "auto":
+            m.slice_size = max(1, m.num_heads // 2)
+        elif slice_size == "max":
+            m.slice_size = 1
+        else:
+            m.slice_size = slice_size  # an int, or None: off
