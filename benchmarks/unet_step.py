@@ -63,7 +63,7 @@ def main():
                 x = torch.randn(args.batch, 4, size, size, device=device, dtype=dtype).to(memory_format=fmt)
                 ctx = torch.randn(args.batch, 77, 768, device=device, dtype=dtype)
                 t = torch.tensor([500] * args.batch, device=device)
-                run_ours = lambda: ours(x, t, ctx)
+                run_ours = lambda: ours(x, t, ctx).sample
                 run_ref = lambda: ref(x, t, ctx).sample
                 with torch.inference_mode():
                     flops = count_flops(run_ours)

@@ -27,6 +27,10 @@ _PUBLIC = {
     # pipelines
     "StableDiffusionPipeline": "minidiff.pipelines.text_to_image",
     "DiffEditPipeline": "minidiff.pipelines.diffedit",
+    "StableDiffusionDiffEditPipeline": "minidiff.pipelines.diffedit",  # diffusers' name, the same class
+    "DiffusionPipeline": "minidiff.pipelines.pipeline",
+    # quantization at load time (diffusers.quantizers.PipelineQuantizationConfig)
+    "PipelineQuantizationConfig": "minidiff.quantizers",
     # attention backend switch
     "attention_backend": "minidiff.models.attention",
     "set_attention_backend": "minidiff.models.attention",

@@ -65,7 +65,7 @@ def check_unet(folder: Path, device, dtype, gen, latent_size: int) -> list[Row]:
     ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=gen).to(device, dtype)
     t = torch.tensor([500], device=device)
     with torch.no_grad():
-        a = ours(x, t, ctx)
+        a = ours(x, t, ctx).sample
         b = ref(x, t, ctx).sample
     return [_compare("unet", f"noise prediction at t=500, latent {latent_size}x{latent_size}", a, b, _tolerance(dtype))]
 
@@ -79,12 +79,12 @@ def check_vae(folder: Path, device, dtype, gen, image_size: int) -> list[Row]:
     x = (torch.rand(1, ref.config.in_channels, image_size, image_size, generator=gen) * 2 - 1).to(device, dtype)
     tol = _tolerance(dtype)
     with torch.no_grad():
-        ours_d, ref_d = ours.encode(x), ref.encode(x).latent_dist
+        ours_d, ref_d = ours.encode(x).latent_dist, ref.encode(x).latent_dist
         z = ref_d.mean
         return [
             _compare("vae", "encode: posterior mean", ours_d.mean, ref_d.mean, tol),
             _compare("vae", "encode: posterior std", ours_d.std, ref_d.std, tol),
-            _compare("vae", "decode", ours.decode(z), ref.decode(z).sample, tol),
+            _compare("vae", "decode", ours.decode(z).sample, ref.decode(z).sample, tol),
         ]
 
 

@@ -324,6 +324,35 @@ def config_from_dict(config_cls: type, config: dict, ignore: Iterable[str] = ())
 
 
 # ----------------------------------------------------------------------------------------------
+# The dtype a model loads in
+
+
+def resolve_dtype(torch_dtype, default: str, config: dict, state: dict[str, torch.Tensor]) -> torch.dtype | None:
+    """The dtype `from_pretrained(..., torch_dtype=...)` loads in; None keeps each tensor's own.
+
+    The one rule, as the two reference libraries apply it (diffusers 0.42, transformers 5.24):
+        a torch.dtype (or its name)   that dtype
+        "auto"                        the config's "dtype" (or older "torch_dtype") entry, else
+                                      the dtype of the first floating tensor in the file
+        None                          the library's default: diffusers models (UNet, VAE, ...)
+                                      load float32 whatever the file holds (`default="float32"`);
+                                      transformers 5 models (CLIP) load as "auto" (`default="auto"`)
+    """
+    if torch_dtype is None:
+        torch_dtype = default
+    if torch_dtype == "auto":
+        named = config.get("dtype") or config.get("torch_dtype")
+        if named:
+            return getattr(torch, named)
+        return next((v.dtype for v in state.values() if v.is_floating_point()), None)
+    if isinstance(torch_dtype, str):
+        if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
+            raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype; use e.g. torch.float16 or \"auto\".")
+        torch_dtype = getattr(torch, torch_dtype)
+    return torch_dtype
+
+
+# ----------------------------------------------------------------------------------------------
 # from_pretrained / save_pretrained shared by every model
 
 
@@ -335,6 +364,7 @@ class PretrainedMixin:
         weights_name   "diffusion_pytorch_model.safetensors" (diffusers) or "model.safetensors"
         config_extras  keys written into config.json beside the fields (`_class_name`, ...)
         config_ignore  config.json keys dropped silently on load
+        default_dtype  what `torch_dtype=None` means: "float32" (diffusers) or "auto" (transformers)
     and takes the config object as its only constructor argument.
     """
 
@@ -342,6 +372,7 @@ class PretrainedMixin:
     weights_name: str = "diffusion_pytorch_model.safetensors"
     config_name: str = "config.json"
     config_ignore: tuple[str, ...] = ()
+    default_dtype: str = "float32"
 
     def config_extras(self) -> dict:
         return {"_class_name": type(self).__name__}
@@ -363,12 +394,21 @@ class PretrainedMixin:
         cls,
         path_or_repo_id: str | os.PathLike,
         subfolder: str | None = None,
-        torch_dtype: torch.dtype | None = None,
+        torch_dtype: torch.dtype | str | None = None,
         variant: str | None = None,
         local_files_only: bool | None = None,
         revision: str | None = None,
         device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        use_safetensors: bool | None = None,
     ):
+        """Load a component folder (or `subfolder` of a pipeline folder or hub repo).
+        `dtype=` is transformers 5's name for `torch_dtype`; the dtype rule is `resolve_dtype`'s.
+        `use_safetensors` is accepted for diffusers code: minidiff reads safetensors only."""
+        if use_safetensors is False:
+            raise ValueError("minidiff reads only .safetensors weights (no pickled .bin/.ckpt); "
+                             "drop use_safetensors=False.")
+        torch_dtype = dtype if torch_dtype is None else torch_dtype
         stem = cls.weights_name.removesuffix(".safetensors")
         folder = resolve_folder(
             path_or_repo_id, subfolder,
@@ -382,6 +422,7 @@ class PretrainedMixin:
             model = cls.from_config(config)
         files = weight_files(folder, cls.weights_name, variant)
         state = cls.convert_state_dict(read_state_dict(files))
+        torch_dtype = resolve_dtype(torch_dtype, cls.default_dtype, config, state)
         if torch_dtype is not None:
             state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
         load_strict(model, state, source=", ".join(repr(str(f)) for f in files))
@@ -398,6 +439,15 @@ class PretrainedMixin:
         from minidiff.single_file import load_model
 
         return load_model(cls, path, config=config, torch_dtype=torch_dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the first parameter, as diffusers' and transformers' models report it."""
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def _init_non_persistent_buffers(self) -> None:
         """Buffers that are not in the checkpoint (e.g. CLIP's position ids) are still on the

@@ -131,7 +131,7 @@ def _token_parts(value: str | dict) -> tuple[str, dict]:
 class CLIPTokenizer:
     """CLIP BPE tokenizer with transformers' `CLIPTokenizer` behaviour, padded to 77 by default.
 
-        tok = CLIPTokenizer.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        tok = CLIPTokenizer.from_pretrained("stable-diffusion-v1-5/stable-diffusion-v1-5", subfolder="tokenizer")
         tok(["a photo of a cat"]).input_ids        # LongTensor (1, 77)
 
     Or from the two files directly: `CLIPTokenizer(vocab_file, merges_file, pad_token="!")`.
@@ -197,20 +197,19 @@ class CLIPTokenizer:
     def from_pretrained(
         cls,
         path_or_repo_id: str | os.PathLike,
-        subfolder: str | None = "tokenizer",
+        subfolder: str | None = None,
         local_files_only: bool | None = None,
         revision: str | None = None,
     ) -> "CLIPTokenizer":
-        """Load a tokenizer folder: `subfolder` of a pipeline (default "tokenizer"), or with
-        `subfolder=None` the folder itself (e.g. `weights/clip-tokenizer`)."""
-        try:
-            folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=TOKENIZER_FILES,
-                                    local_files_only=local_files_only, revision=revision)
-        except FileNotFoundError as err:
-            here = Path(os.fspath(path_or_repo_id)).expanduser()
-            if subfolder and ((here / "vocab.json").is_file() or (here / "tokenizer.json").is_file()):
-                raise FileNotFoundError(f"{err} The folder itself holds tokenizer files: pass subfolder=None.") from err
-            raise
+        """Load a tokenizer folder, as transformers does: the folder itself by default (e.g.
+        `weights/clip-tokenizer`), or `subfolder="tokenizer"` of a pipeline folder."""
+        folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=TOKENIZER_FILES,
+                                local_files_only=local_files_only, revision=revision)
+        if not ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):
+            hint = (" It is a pipeline folder: pass subfolder=\"tokenizer\"." if (folder / "tokenizer").is_dir()
+                    else "")
+            raise FileNotFoundError(f"{str(folder)!r} holds no tokenizer files (vocab.json + merges.txt, "
+                                    f"or tokenizer.json).{hint}")
 
         config = _read_optional_json(folder / "tokenizer_config.json")
         specials = {name: config[name] for name in NAMED_TOKENS if config.get(name) is not None}

@@ -30,10 +30,11 @@ def test_check_passes_on_tiny_checkpoint(tiny, capsys):
 
 def test_check_detects_a_wrong_component(tiny, monkeypatch, capsys):
     # A UNet that is 1% off must be reported: exit status 1 and a "NO" in its row.
-    from minidiff.models.unet import UNet2DConditionModel
+    from minidiff.models.unet import UNet2DConditionModel, UNet2DConditionOutput
 
     forward = UNet2DConditionModel.forward
-    monkeypatch.setattr(UNet2DConditionModel, "forward", lambda self, *a, **k: forward(self, *a, **k) * 1.01)
+    monkeypatch.setattr(UNet2DConditionModel, "forward",
+                        lambda self, *a, **k: UNet2DConditionOutput(forward(self, *a, **k).sample * 1.01))
     assert main(["check", str(tiny)]) == 1
     unet_rows = [l for l in capsys.readouterr().out.splitlines() if l.startswith("unet")]
     assert unet_rows and all(l.rstrip().endswith("NO") for l in unet_rows)

@@ -66,38 +66,38 @@ class CountingBackend:
 @torch.no_grad()
 def test_channels_last_unet(models):
     unet, _, (x, t, context), _ = models
-    expected = unet(x, t, context)
+    expected = unet(x, t, context).sample
     fast = to_channels_last(copy.deepcopy(unet))
     w = fast.conv_in.weight
     assert w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
-    assert_rel_close(fast(x, t, context), expected, RTOL, "channels-last UNet")
-    assert_rel_close(fast(x.to(memory_format=torch.channels_last), t, context), expected, RTOL,
+    assert_rel_close(fast(x, t, context).sample, expected, RTOL, "channels-last UNet")
+    assert_rel_close(fast(x.to(memory_format=torch.channels_last), t, context).sample, expected, RTOL,
                      "channels-last UNet, channels-last input")
 
 
 @torch.no_grad()
 def test_channels_last_vae(models):
     _, vae, _, image = models
-    expected_mean, expected_image = vae.encode(image).mean, vae(image)
+    expected_mean, expected_image = vae.encode(image).latent_dist.mean, vae(image).sample
     fast = to_channels_last(copy.deepcopy(vae))
     assert fast.decoder.conv_out.weight.is_contiguous(memory_format=torch.channels_last)
     image_cl = image.to(memory_format=torch.channels_last)
-    assert_rel_close(fast.encode(image_cl).mean, expected_mean, RTOL, "channels-last VAE encode")
-    assert_rel_close(fast(image_cl), expected_image, RTOL, "channels-last VAE round trip")
+    assert_rel_close(fast.encode(image_cl).latent_dist.mean, expected_mean, RTOL, "channels-last VAE encode")
+    assert_rel_close(fast(image_cl).sample, expected_image, RTOL, "channels-last VAE round trip")
 
 
 @torch.no_grad()
 def test_compiled_unet_matches_eager_aot_eager(models):
     unet, _, (x, t, context), _ = models
-    expected = unet(x, t, context)
+    expected = unet(x, t, context).sample
     compiled = copy.deepcopy(unet)
     names = compile_blocks(compiled, backend="aot_eager")
     # The tiny sd2 UNet (layers_per_block 1, three levels, attention in two): resnets 3 down + 2 mid
     # + 6 up = 11; one transformer block per attention: 2 down + 1 mid + 4 up = 7.
     assert len(names) == 18 and all("resnets" in n or "transformer_blocks" in n for n in names)
-    assert_rel_close(compiled(x, t, context), expected, RTOL, "compiled UNet (aot_eager)")
+    assert_rel_close(compiled(x, t, context).sample, expected, RTOL, "compiled UNet (aot_eager)")
     # A second call with the same shapes reuses the compiled code; still the same answer.
-    assert_rel_close(compiled(x, t, context), expected, RTOL, "compiled UNet, second call")
+    assert_rel_close(compiled(x, t, context).sample, expected, RTOL, "compiled UNet, second call")
 
 
 @torch.no_grad()
@@ -159,7 +159,7 @@ def test_pipeline_runs_compiled_aot_eager(pipe):
         images = pipe(generator=torch.Generator().manual_seed(0), **CALL).images
     finally:
         uncompile_blocks(pipe)
-        for module in pipe.components().values():
+        for module in pipe._model_components().values():
             module.to(memory_format=torch.contiguous_format)
     assert_rel_close(images, expected, RTOL, "pipeline with compiled blocks (aot_eager) and channels-last")
 
@@ -202,10 +202,10 @@ def test_compiled_blocks_with_offload(pipe):
 @torch.no_grad()
 def test_compiled_unet_matches_eager_inductor(models):
     unet, _, (x, t, context), _ = models
-    expected = unet(x, t, context)
+    expected = unet(x, t, context).sample
     compiled = copy.deepcopy(unet)
     compile_blocks(compiled)  # default backend: inductor (C++ on the CPU)
-    assert_rel_close(compiled(x, t, context), expected, INDUCTOR_RTOL, "compiled UNet (inductor)")
+    assert_rel_close(compiled(x, t, context).sample, expected, INDUCTOR_RTOL, "compiled UNet (inductor)")
 
 
 @pytest.mark.slow

@@ -257,7 +257,7 @@ def test_unet_triton_matches_math(tmp_path, flavour):
     for backend in ("math", "triton"):
         unet.zero_grad()
         with attention_backend(backend):
-            eps = unet(x_t, t, context)
+            eps = unet(x_t, t, context).sample
         eps.square().mean().backward()
         grads = {n: p.grad.clone() for n, p in unet.named_parameters() if ".attn" in n and "to_" in n}
         results[backend] = eps.detach(), grads

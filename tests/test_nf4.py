@@ -248,10 +248,10 @@ def test_quantize_model_on_a_tiny_unet(tiny_unet_folder):
     unet = UNet2DConditionModel.from_pretrained(tiny_unet_folder)
     x, t, context = _unet_inputs()
     with torch.no_grad():
-        reference = unet(x, t, context)
+        reference = unet(x, t, context).sample
         float_copy = copy.deepcopy(unet)
         _, summary = quantize_model(unet)
-        out = unet(x, t, context)
+        out = unet(x, t, context).sample
 
         # Every attention / feed-forward Linear of the 7 transformer blocks, nothing else.
         linears = {n for n, m in float_copy.named_modules() if isinstance(m, nn.Linear)}
@@ -264,7 +264,7 @@ def test_quantize_model_on_a_tiny_unet(tiny_unet_folder):
         # The swap is exact: the float UNet with W := dequantize(quantize(W)) gives the same output.
         for name in summary.layers:
             float_copy.get_submodule(name).weight.copy_(dequantize_nf4(unet.get_submodule(name).quant_state))
-        assert torch.equal(float_copy(x, t, context), out)
+        assert torch.equal(float_copy(x, t, context).sample, out)
 
     # The quantisation error of random tiny weights (uniform, not the normal weights NF4 is made
     # for) through 84 layers: measured max relative error 0.125 (0.133 in the Frobenius norm).
@@ -283,7 +283,7 @@ def test_double_quant_model_bytes(tiny_unet_folder):
     assert summary.weight_ratio < 0.135
     x, t, context = _unet_inputs()
     with torch.no_grad():
-        assert torch.isfinite(unet(x, t, context)).all()
+        assert torch.isfinite(unet(x, t, context).sample).all()
 
 
 @pytest.mark.parametrize("name, n_swapped, n_conv_proj", [("stable-diffusion-v1-5", 160, 32), ("stable-diffusion-2-1", 192, 0)])
@@ -352,7 +352,7 @@ def test_save_and_load_round_trip(tiny_unet_folder, tmp_path, double_quant):
     load_quantized(fresh, path)
     x, t, context = _unet_inputs()
     with torch.no_grad():
-        assert torch.equal(fresh(x, t, context), unet(x, t, context))
+        assert torch.equal(fresh(x, t, context).sample, unet(x, t, context).sample)
     assert all(isinstance(fresh.get_submodule(n), LinearNF4) for n in described)
 
 
@@ -436,11 +436,11 @@ def test_quantize_model_with_convs_on_a_tiny_unet(tiny_unet_folder):
     unet = UNet2DConditionModel.from_pretrained(tiny_unet_folder)
     x, t, context = _unet_inputs()
     with torch.no_grad():
-        reference = unet(x, t, context)
+        reference = unet(x, t, context).sample
         float_copy = copy.deepcopy(unet)
         convs = {n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)} - {"conv_in"}
         _, summary = quantize_model(unet, convs=True)
-        out = unet(x, t, context)
+        out = unet(x, t, context).sample
         assert convs <= set(summary.layers) and all(isinstance(unet.get_submodule(n), Conv2dNF4) for n in convs)
         # Every conv but conv_in (kept float: the UNet reads its dtype from conv_in.weight).
         assert [n for n, m in unet.named_modules() if isinstance(m, nn.Conv2d)] == ["conv_in"]
@@ -448,7 +448,7 @@ def test_quantize_model_with_convs_on_a_tiny_unet(tiny_unet_folder):
         for name in summary.layers:
             float_copy.get_submodule(name).weight.copy_(
                 dequantize_nf4(unet.get_submodule(name).quant_state).view_as(float_copy.get_submodule(name).weight))
-        assert torch.equal(float_copy(x, t, context), out)
+        assert torch.equal(float_copy(x, t, context).sample, out)
     # Quantisation error of random (uniform) tiny weights through every conv and attention layer:
     # measured max relative error 0.215 (0.125 with the Linear layers alone, above).
     err = max_rel_err(out, reference)
@@ -491,7 +491,7 @@ def test_save_and_load_round_trip_with_convs(tiny_unet_folder, tmp_path):
     assert isinstance(fresh.conv_out, Conv2dNF4) and isinstance(fresh.down_blocks[0].downsamplers[0].conv, Conv2dNF4)
     x, t, context = _unet_inputs()
     with torch.no_grad():
-        assert torch.equal(fresh(x, t, context), unet(x, t, context))
+        assert torch.equal(fresh(x, t, context).sample, unet(x, t, context).sample)
 
     # The file into a model whose conv differs: a clear error.
     with torch.device("meta"):

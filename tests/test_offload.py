@@ -51,7 +51,7 @@ def reference(pipe):
 def placement(pipe):
     """Every parameter of every component: (the Parameter object, its storage, its device)."""
     return {f"{c}.{n}": (p, p.data_ptr(), p.device)
-            for c, m in pipe.components().items() for n, p in m.named_parameters()}
+            for c, m in pipe._model_components().items() for n, p in m.named_parameters()}
 
 
 def assert_same_placement(before, after):
@@ -96,7 +96,7 @@ def test_offloaded_pipeline_is_exact_and_bounded(pipe, reference, mode):
         assert tracer.count("prefetch", "group") > 0
     assert_same_placement(before, placement(pipe))
     assert pipe.device == torch.device("cpu")
-    assert not any(hasattr(m, "_minidiff_offload") for c in pipe.components().values() for m in c.modules())
+    assert not any(hasattr(m, "_minidiff_offload") for c in pipe._model_components().values() for m in c.modules())
     # The hooks are gone: a run after removal moves nothing.
     with OffloadTracer() as tracer:
         pipe.decode_latents(torch.zeros(1, 4, 16, 16))
@@ -107,7 +107,7 @@ def test_every_weight_has_exactly_one_hook(pipe):
     handle = enable_sequential_cpu_offload(pipe, "cpu")
     try:
         in_units = [i for unit in handle.units for i in unit.tensor_ids]  # ids of the offloaded tensors
-        all_params = [id(p) for m in pipe.components().values() for p in m.parameters()]
+        all_params = [id(p) for m in pipe._model_components().values() for p in m.parameters()]
         assert sorted(in_units) == sorted(all_params)
         names = {u.name for u in handle.units}
         # CLIP's embeddings read position_embedding.weight directly: offloaded as one unit.
@@ -137,10 +137,10 @@ def test_model_offload_covers_vae_encode_and_decode(pipe):
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     try:
         with torch.no_grad(), OffloadTracer(check_compute=True) as tracer:
-            pipe.unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 32))
-            latent = pipe.vae.encode(image).mean
+            pipe.unet(torch.randn(1, 4, 16, 16), 10, torch.randn(1, 77, 32)).sample
+            latent = pipe.vae.encode(image).latent_dist.mean
             pipe.text_encoder(torch.tensor([[49406, 49407]]))
-            pipe.vae.decode(latent)
+            pipe.vae.decode(latent).sample
         moves = [(e.action, e.name) for e in tracer.events]
         assert moves == [("onload", "unet"), ("offload", "unet"), ("onload", "vae"),
                          ("offload", "vae"), ("onload", "text_encoder"), ("offload", "text_encoder"),
@@ -150,7 +150,7 @@ def test_model_offload_covers_vae_encode_and_decode(pipe):
         pipe.text_encoder(torch.tensor([[49406, 49407]]))  # moves the VAE out again
         with pytest.raises(RuntimeError, match="home copy"):
             with torch.no_grad(), OffloadTracer(check_compute=True):
-                pipe.vae.encode(image)
+                pipe.vae.encode(image).latent_dist
     finally:
         remove_offload(pipe)
     assert "encode" not in pipe.vae.__dict__ and "decode" not in pipe.vae.__dict__
@@ -192,13 +192,13 @@ def test_group_prefetch_learns_the_order(pipe):
     unet = pipe.unet
     x, context = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 32)
     with torch.no_grad():
-        expected = unet(x, 10, context)
+        expected = unet(x, 10, context).sample
         handle = apply_group_offloading(unet, "cpu", num_blocks_per_group=1, use_stream=True)
         try:
-            unet(x, 10, context)  # learns the successors
-            unet(x, 10, context)  # learns the wrap-around (last up block -> first group)
+            unet(x, 10, context).sample  # learns the successors
+            unet(x, 10, context).sample  # learns the wrap-around (last up block -> first group)
             with OffloadTracer(check_compute=True) as tracer:
-                out = unet(x, 10, context)
+                out = unet(x, 10, context).sample
             groups = [u.name for u in handle.units if u.kind == "group"]
             assert groups == ["time_embedding", "down_blocks[0]", "down_blocks[1]", "down_blocks[2]", "mid_block",
                               "up_blocks[0]", "up_blocks[1]", "up_blocks[2]"]
@@ -218,18 +218,18 @@ def test_group_prefetch_survives_a_wrong_guess(pipe):
     vae = pipe.vae
     image = torch.rand(1, 3, 32, 32) * 2 - 1
     with torch.no_grad():
-        latent = vae.encode(image).mean
-        expected = vae.decode(latent)
+        latent = vae.encode(image).latent_dist.mean
+        expected = vae.decode(latent).sample
         apply_group_offloading(vae, "cpu", num_blocks_per_group=1, use_stream=True)
         try:
             for _ in range(2):
-                vae.encode(image)
-                vae.decode(latent)
+                vae.encode(image).latent_dist
+                vae.decode(latent).sample
             # The last decode of the loop prefetched the encoder's first group: a wrong guess now.
             with OffloadTracer(check_compute=True) as tracer:
                 assert tracer.resident("group") == ["encoder.down_blocks[0]"]
-                vae.decode(latent)
-                out = vae.decode(latent)
+                vae.decode(latent).sample
+                out = vae.decode(latent).sample
         finally:
             remove_offload(vae)
     assert torch.equal(out, expected)
@@ -242,11 +242,11 @@ def test_group_prefetch_survives_a_wrong_guess(pipe):
 def test_group_offload_without_prefetch_has_one_group_resident(pipe):
     with torch.no_grad():
         x, context = torch.randn(1, 4, 16, 16), torch.randn(1, 77, 32)
-        expected = pipe.unet(x, 10, context)
+        expected = pipe.unet(x, 10, context).sample
         apply_group_offloading(pipe.unet, "cpu", num_blocks_per_group=3)
         try:
             with OffloadTracer(check_compute=True) as tracer:
-                out = pipe.unet(x, 10, context)
+                out = pipe.unet(x, 10, context).sample
         finally:
             remove_offload(pipe.unet)
     assert torch.equal(out, expected)

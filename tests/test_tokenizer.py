@@ -360,8 +360,8 @@ def test_errors(folders, tmp_path):
         CLIPTokenizer.from_pretrained(only_vocab, subfolder=None)
     with pytest.raises(FileNotFoundError, match="merges.txt"):
         CLIPTokenizer(FILES / "vocab.json", tmp_path / "merges.txt")
-    with pytest.raises(FileNotFoundError, match="subfolder=None"):
-        CLIPTokenizer.from_pretrained(FILES)  # the default subfolder "tokenizer" is not there
+    with pytest.raises(FileNotFoundError, match='pass subfolder="tokenizer"'):
+        CLIPTokenizer.from_pretrained(SHAPES)  # a pipeline folder: its tokenizer is in tokenizer/
     with pytest.raises(FileNotFoundError, match="does not exist"):
         CLIPTokenizer.from_pretrained(tmp_path / "nowhere", subfolder=None)
 
@@ -375,3 +375,24 @@ def test_errors(folders, tmp_path):
         tok(["a", "word " * 100], padding=False)
     with pytest.raises(ValueError, match="batch_decode"):
         tok.decode(torch.zeros(2, 3, dtype=torch.long))
+
+
+SHAPES = Path(__file__).resolve().parents[1] / "weights" / "shapes"
+
+
+def test_from_pretrained_reads_folders_as_transformers_does():
+    """The folder itself by default, `subfolder=` inside a pipeline folder: the same calls give the
+    same ids in transformers, and a pipeline root without subfolder is refused (transformers loads an empty vocabulary)."""
+    import transformers
+
+    calls = [((str(FILES),), {}), ((str(SHAPES),), {"subfolder": "tokenizer"})]
+    for args, kwargs in calls:
+        ours, theirs = CLIPTokenizer.from_pretrained(*args, **kwargs), transformers.CLIPTokenizer.from_pretrained(*args, **kwargs)
+        texts = ["a red circle on a white background", "two words"]
+        assert torch.equal(ours(texts, padding="max_length", return_tensors="pt").input_ids,
+                           theirs(texts, padding="max_length", return_tensors="pt").input_ids)
+    # At a pipeline root, transformers 5.24 returns a tokenizer with no vocabulary (2 entries, every
+    # word becomes id 2) without a word; minidiff refuses and names the subfolder instead.
+    assert len(transformers.CLIPTokenizer.from_pretrained(str(SHAPES))) < 10
+    with pytest.raises(FileNotFoundError, match='subfolder="tokenizer"'):
+        CLIPTokenizer.from_pretrained(SHAPES)

@@ -122,11 +122,11 @@ def test_matches_diffusers_fp32(checkpoints, name, backend):
         for what, t in timesteps.items():
             want = ref(x_t, t, context).sample
             with attention_backend(backend):
-                got = unet(x_t, t, context)
+                got = unet(x_t, t, context).sample
             assert_rel_close(got, want, FP32_RTOL, f"{name} {backend} timestep {what}")
         # A per-sample timestep really is per sample: not the same as giving everyone t = 1.
         same_t = ref(x_t, 1, context).sample
-        assert max_rel_err(unet(x_t, torch.tensor([1, 999]), context)[1], same_t[1]) > 1e-3
+        assert max_rel_err(unet(x_t, torch.tensor([1, 999]), context).sample[1], same_t[1]) > 1e-3
 
 
 def test_bf16_close_to_fp32_reference(checkpoints):
@@ -144,7 +144,7 @@ def test_bf16_close_to_fp32_reference(checkpoints):
             diffusers_err = max_rel_err(ref_bf16(x_t.bfloat16(), 700, context.bfloat16()).sample, want)
             for backend in ("math", "sdpa"):
                 with attention_backend(backend):
-                    got = unet(x_t.bfloat16(), 700, context.bfloat16())
+                    got = unet(x_t.bfloat16(), 700, context.bfloat16()).sample
                 assert got.dtype == torch.bfloat16
                 err = max_rel_err(got, want)
                 assert err <= 4e-2, f"{name} {backend}: bf16 error {err:.3e}"
@@ -178,15 +178,18 @@ def test_diffusers_config_keys_are_all_understood(checkpoints):
 
 
 def test_return_dict_like_diffusers(checkpoints):
-    _, folder = checkpoints["sd1"]
+    ref, folder = checkpoints["sd1"]
     unet = UNet2DConditionModel.from_pretrained(folder)
     x_t, context = inputs(SD1_LIKE)
     with torch.no_grad():
-        plain = unet(x_t, 5, context)
-        assert isinstance(plain, torch.Tensor) and plain.shape == (2, 4, 16, 16)
-        assert torch.equal(unet(x_t, 5, context, return_dict=True).sample, plain)
-        assert torch.equal(unet(x_t, 5, context, return_dict=True)[0], plain)
-        assert torch.equal(unet(x_t, 5, context, return_dict=False)[0], plain)
+        out, ref_out = unet(x_t, 5, context), ref(x_t, 5, context)
+        assert type(out).__name__ == type(ref_out).__name__ == "UNet2DConditionOutput"
+        plain = out.sample
+        assert isinstance(plain, torch.Tensor) and plain.shape == ref_out.sample.shape == (2, 4, 16, 16)
+        assert torch.equal(out[0], plain)
+        as_tuple = unet(x_t, 5, context, return_dict=False)
+        assert type(as_tuple) is tuple and len(as_tuple) == len(ref(x_t, 5, context, return_dict=False)) == 1
+        assert torch.equal(as_tuple[0], plain)
 
 
 def test_timestep_embedding_matches_diffusers():
@@ -288,7 +291,7 @@ def test_full_size_sd15_forward_matches_diffusers():
         assert want.abs().max() > 0.1  # a real signal, not a collapsed output
         for backend in ("sdpa", "math"):
             with attention_backend(backend):
-                assert_rel_close(unet(x_t, 999, context), want, FP32_RTOL, f"SD 1.5 full size, {backend}")
+                assert_rel_close(unet(x_t, 999, context).sample, want, FP32_RTOL, f"SD 1.5 full size, {backend}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -360,4 +363,4 @@ def test_bad_inputs_raise_clear_errors(checkpoints):
     with pytest.raises(ValueError, match="cast the inputs"):
         unet(x_t.double(), 1, context.double())
     # 12 is divisible by 4 but not by 8: fine for this 3-level model.
-    assert unet(torch.randn(2, 4, 12, 20), 1, context).shape == (2, 4, 12, 20)
+    assert unet(torch.randn(2, 4, 12, 20), 1, context).sample.shape == (2, 4, 12, 20)

@@ -71,7 +71,7 @@ def test_parity_fp32(pair, backend):
     ref, ours, x, _ = pair
     q_ref = ref.encode(x).latent_dist
     with attention_backend(backend):
-        q = ours.encode(x)
+        q = ours.encode(x).latent_dist
         for what in ("mean", "logvar", "std", "var"):
             assert_rel_close(getattr(q, what), getattr(q_ref, what), FP32_RTOL, f"{backend} posterior {what}")
         assert_rel_close(q.mode(), q_ref.mode(), FP32_RTOL, "mode")
@@ -80,9 +80,9 @@ def test_parity_fp32(pair, backend):
         z = q.sample(torch.Generator().manual_seed(7))
         z_ref = q_ref.sample(torch.Generator().manual_seed(7))
         assert_rel_close(z, z_ref, FP32_RTOL, "posterior sample")
-        assert_rel_close(ours.decode(z_ref), ref.decode(z_ref).sample, FP32_RTOL, f"{backend} decode")
-        assert_rel_close(ours(x), ref(x).sample, FP32_RTOL, f"{backend} forward (mode)")
-        y = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(3))
+        assert_rel_close(ours.decode(z_ref).sample, ref.decode(z_ref).sample, FP32_RTOL, f"{backend} decode")
+        assert_rel_close(ours(x).sample, ref(x).sample, FP32_RTOL, f"{backend} forward (mode)")
+        y = ours(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample
         y_ref = ref(x, sample_posterior=True, generator=torch.Generator().manual_seed(3)).sample
         assert_rel_close(y, y_ref, FP32_RTOL, f"{backend} forward (sampled)")
     f = ours.downsample_factor
@@ -93,7 +93,7 @@ def test_parity_fp32(pair, backend):
 @torch.no_grad()
 def test_kl_between_two_posteriors(pair):
     ref, ours, x, _ = pair
-    q, p = ours.encode(x[:1]), ours.encode(x[1:])
+    q, p = ours.encode(x[:1]).latent_dist, ours.encode(x[1:]).latent_dist
     q_ref, p_ref = ref.encode(x[:1]).latent_dist, ref.encode(x[1:]).latent_dist
     assert_rel_close(q.kl(p), q_ref.kl(p_ref), FP32_RTOL, "kl(q || p)")
 
@@ -116,10 +116,10 @@ def test_logvar_is_clamped_like_ldm():
 def test_batch_equals_one_image_at_a_time(pair):
     # What VAE slicing will rely on: each image's latent does not depend on the rest of the batch.
     _, ours, x, _ = pair
-    whole = ours.encode(x).mean
-    alone = torch.cat([ours.encode(xi[None]).mean for xi in x])
+    whole = ours.encode(x).latent_dist.mean
+    alone = torch.cat([ours.encode(xi[None]).latent_dist.mean for xi in x])
     assert_rel_close(alone, whole, FP32_RTOL, "encode per image vs batched")
-    assert_rel_close(torch.cat([ours.decode(zi[None]) for zi in whole]), ours.decode(whole), FP32_RTOL,
+    assert_rel_close(torch.cat([ours.decode(zi[None]).sample for zi in whole]), ours.decode(whole).sample, FP32_RTOL,
                      "decode per image vs batched")
 
 
@@ -129,7 +129,7 @@ def test_bf16_against_fp32_reference(pair):
     ours = AutoencoderKL.from_pretrained(folder, torch_dtype=torch.bfloat16)
     assert ours.dtype == torch.bfloat16
     expected = ref(x).sample
-    err = max_rel_err(ours(x.bfloat16()).float(), expected)
+    err = max_rel_err(ours(x.bfloat16()).sample.float(), expected)
     # What bf16 costs in diffusers itself, on the same weights and input:
     ref_bf16 = make_reference_from(folder, torch.bfloat16)
     err_ref = max_rel_err(ref_bf16(x.bfloat16()).sample.float(), expected)
@@ -189,15 +189,15 @@ def test_bad_input_sizes():
         block_out_channels=(16, 32, 32), norm_num_groups=8,
         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3))
     with pytest.raises(ValueError, match=r"multiples of 4 = 2\*\*\(len\(block_out_channels\) - 1\)"):
-        model.encode(torch.zeros(1, 3, 30, 32))
+        model.encode(torch.zeros(1, 3, 30, 32)).latent_dist
     with pytest.raises(ValueError, match="multiples of 4"):
-        model.encode(torch.zeros(1, 3, 32, 34))
+        model.encode(torch.zeros(1, 3, 32, 34)).latent_dist
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        model.encode(torch.zeros(1, 4, 32, 32))
+        model.encode(torch.zeros(1, 4, 32, 32)).latent_dist
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
-        model.encode(torch.zeros(3, 32, 32))
+        model.encode(torch.zeros(3, 32, 32)).latent_dist
     with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
-        model.decode(torch.zeros(1, 3, 8, 8))
+        model.decode(torch.zeros(1, 3, 8, 8)).sample
 
 
 @pytest.mark.parametrize("change, option", [

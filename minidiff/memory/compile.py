@@ -50,8 +50,7 @@ def _modules(target) -> list[nn.Module]:
         return [target]
     parts = getattr(target, "components", None)
     if parts is None:
-        raise ValueError(f"Expected a pipeline (with .components()) or an nn.Module, got {type(target).__name__}.")
-    parts = parts() if callable(parts) else parts
+        raise ValueError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
     return [m for m in parts.values() if isinstance(m, nn.Module)]
 
 

@@ -395,8 +395,7 @@ def _components(target) -> tuple[list[tuple[str, nn.Module]], object | None]:
         return [("", target)], None
     parts = getattr(target, "components", None)
     if parts is None:
-        raise ValueError(f"Expected a pipeline (with .components()) or an nn.Module, got {type(target).__name__}.")
-    parts = parts() if callable(parts) else parts
+        raise ValueError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
     modules = {k: v for k, v in parts.items() if isinstance(v, nn.Module)}
     order = [k for k in PIPELINE_ORDER if k in modules] + [k for k in modules if k not in PIPELINE_ORDER]
     return [(k, modules[k]) for k in order], target

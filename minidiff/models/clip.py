@@ -339,6 +339,7 @@ class _CLIPPretrained(PretrainedMixin):
 
     weights_name = "model.safetensors"
     config_ignore = TRANSFORMERS_CONFIG_IGNORE
+    default_dtype = "auto"  # transformers 5: the config's "dtype", else the file's (loading.resolve_dtype)
     model_type: str  # transformers' "model_type", needed for AutoModel / from_pretrained checks
 
     def config_extras(self) -> dict:
@@ -377,9 +378,11 @@ class CLIPTextModel(nn.Module, _CLIPPretrained):
             state = {f"text_model.{k}": v for k, v in state.items()}
         return state
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput:
-        """input_ids: (B, N) int64; attention_mask: (B, N) of 1 (token) / 0 (padding)."""
-        return self.text_model(input_ids, attention_mask, output_hidden_states)
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
+        """input_ids: (B, N) int64; attention_mask: (B, N) of 1 (token) / 0 (padding).
+        `return_dict=False` gives the output's tuple (its fields that are set, in order)."""
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        return out if return_dict else out.to_tuple()
 
 
 class CLIPTextModelWithProjection(nn.Module, _CLIPPretrained):
@@ -394,10 +397,11 @@ class CLIPTextModelWithProjection(nn.Module, _CLIPPretrained):
         self.text_model = CLIPTextTransformer(config)
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def forward(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextProjectionOutput:
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
         out = self.text_model(input_ids, attention_mask, output_hidden_states)
-        return CLIPTextProjectionOutput(text_embeds=self.text_projection(out.pooler_output),
-                                        last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
+        out = CLIPTextProjectionOutput(text_embeds=self.text_projection(out.pooler_output),
+                                       last_hidden_state=out.last_hidden_state, hidden_states=out.hidden_states)
+        return out if return_dict else out.to_tuple()
 
 
 class CLIPVisionModelWithProjection(nn.Module, _CLIPPretrained):
@@ -412,7 +416,8 @@ class CLIPVisionModelWithProjection(nn.Module, _CLIPPretrained):
         self.vision_model = CLIPVisionTransformer(config)
         self.visual_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 
-    def forward(self, pixel_values, output_hidden_states=False) -> CLIPVisionProjectionOutput:
+    def forward(self, pixel_values, output_hidden_states=False, return_dict=True):
         last, pooled, hidden_states = self.vision_model(pixel_values, output_hidden_states)
-        return CLIPVisionProjectionOutput(image_embeds=self.visual_projection(pooled),
-                                          last_hidden_state=last, hidden_states=hidden_states)
+        out = CLIPVisionProjectionOutput(image_embeds=self.visual_projection(pooled),
+                                         last_hidden_state=last, hidden_states=hidden_states)
+        return out if return_dict else out.to_tuple()

@@ -326,7 +326,7 @@ class UNet2DConditionOutput:
 
 
 class UNet2DConditionModel(nn.Module, PretrainedMixin):
-    """eps (or v) prediction: unet(x_t, t, text_hidden_states) -> (B, out_channels, H, W)."""
+    """eps (or v) prediction: unet(x_t, t, text_hidden_states).sample -> (B, out_channels, H, W)."""
 
     config_class = UNet2DConditionConfig
     # Keys diffusers writes that are not dataclass fields; checked by check_supported, then dropped.
@@ -388,13 +388,13 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
         sample: torch.Tensor,
         timestep: torch.Tensor | int | float,
         encoder_hidden_states: torch.Tensor,
-        return_dict: bool | None = None,
+        return_dict: bool = True,
     ):
         """sample (B, in_channels, H, W), timestep (python number, 0-d or (B,) tensor),
-        encoder_hidden_states (B, M, cross_attention_dim) -> (B, out_channels, H, W).
+        encoder_hidden_states (B, M, cross_attention_dim) -> `.sample` (B, out_channels, H, W).
 
-        Returns the tensor itself by default. For code written for diffusers:
-        `return_dict=True` gives an object with `.sample`, `return_dict=False` the tuple `(sample,)`.
+        As in diffusers: an object with `.sample` (and `[0]`), or with `return_dict=False` the
+        tuple `(sample,)`.
         """
         B = self._check_inputs(sample, encoder_hidden_states)
         t = self._timesteps(timestep, B, sample.device)  # (B,)
@@ -414,8 +414,6 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
             h = block(h, skips, temb, context)  # pops len(block.resnets) skips
         h = self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, H, W)
 
-        if return_dict is None:
-            return h
         return UNet2DConditionOutput(h) if return_dict else (h,)
 
     # -- input checks ------------------------------------------------------------------------------
@@ -454,7 +452,8 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
 
     @staticmethod
     def _timesteps(timestep, batch: int, device) -> torch.Tensor:
-        t = torch.as_tensor(timestep, device=device)
+        # A tensor passes as it is (so torch.jit.trace records it as an input, not a constant).
+        t = timestep.to(device) if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep, device=device)
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):

@@ -19,6 +19,7 @@ Contents, top to bottom:
     DiagonalGaussian      mean, logvar (clamped), std, var, sample, mode, kl
     SpatialSelfAttention  the mid-block attention: one head over all H*W pixels
     MidBlock2D, DownEncoderBlock2D, UpDecoderBlock2D, Encoder, Decoder
+    AutoencoderKLOutput, DecoderOutput   what encode / decode return, as in diffusers
     AutoencoderKL         encode / decode / forward, from_pretrained / save_pretrained,
                           slicing (one image of the batch at a time) and tiling (overlapping
                           tiles, blended linearly), as diffusers' enable_slicing / enable_tiling
@@ -268,8 +269,29 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.conv_norm_out(h)))  # (B, out_channels, h*f, w*f)
 
 
+@dataclasses.dataclass
+class AutoencoderKLOutput:
+    """What `vae.encode(x)` returns: `.latent_dist`, the posterior q(z | x); `[0]` as in diffusers."""
+
+    latent_dist: DiagonalGaussian
+
+    def __getitem__(self, index):
+        return (self.latent_dist,)[index]
+
+
+@dataclasses.dataclass
+class DecoderOutput:
+    """What `vae.decode(z)` and `vae(x)` return: `.sample`, the image (B, 3, H, W); `[0]` as in diffusers."""
+
+    sample: torch.Tensor
+
+    def __getitem__(self, index):
+        return (self.sample,)[index]
+
+
 class AutoencoderKL(nn.Module, PretrainedMixin):
-    """The SD VAE. `encode(x)` -> DiagonalGaussian, `decode(z)` -> image, `forward(x)` -> reconstruction."""
+    """The SD VAE. `encode(x).latent_dist` -> DiagonalGaussian, `decode(z).sample` -> image,
+    `forward(x).sample` -> reconstruction. `return_dict=False` gives 1-tuples instead."""
 
     config_class = AutoencoderKLConfig
 
@@ -288,14 +310,6 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
     def downsample_factor(self) -> int:
         """f: image pixels per latent pixel along each side (pipelines call it vae_scale_factor)."""
         return 2 ** (len(self.config.block_out_channels) - 1)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
 
     # -- input checks ------------------------------------------------------------------------
 
@@ -332,24 +346,26 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
             z = self.post_quant_conv(z)
         return self.decoder(z)
 
-    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
-        """Images in [-1, 1], (B, 3, H, W) -> q(z | x). Take `.sample(generator)` or `.mode()` and
-        multiply by config.scaling_factor before handing the latent to the UNet."""
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """Images in [-1, 1], (B, 3, H, W) -> q(z | x) as `.latent_dist`. Take `.sample(generator)`
+        or `.mode()` of it and multiply by config.scaling_factor before handing it to the UNet."""
         self._check_image(x)
-        return DiagonalGaussian(self._encode_sliced(x))
+        posterior = DiagonalGaussian(self._encode_sliced(x))
+        return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Latents (B, latent_channels, h, w) -> images (B, 3, h*f, w*f), roughly in [-1, 1].
-        Divide the UNet's latent by config.scaling_factor first."""
+    def decode(self, z: torch.Tensor, return_dict: bool = True):
+        """Latents (B, latent_channels, h, w) -> images (B, 3, h*f, w*f) as `.sample`, roughly in
+        [-1, 1]. Divide the UNet's latent by config.scaling_factor first."""
         self._check_latent(z)
-        return self._decode_sliced(z)
+        image = self._decode_sliced(z)
+        return DecoderOutput(image) if return_dict else (image,)
 
-    def forward(self, x: torch.Tensor, sample_posterior: bool = False,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,
+                generator: torch.Generator | None = None):
         """Reconstruct x: decode(z) with z the posterior mean, or a sample when `sample_posterior`."""
-        posterior = self.encode(x)
+        posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
-        return self.decode(z)
+        return self.decode(z, return_dict=return_dict)
 
     # -- slicing and tiling ------------------------------------------------------------------
     # Two ways to bound the activation memory of encode/decode (diffusers' enable_slicing and

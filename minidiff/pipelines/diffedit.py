@@ -195,10 +195,14 @@ class DiffEditPipeline(StableDiffusionPipeline):
 
     _share_negative_branch = True  # tests set False to check the shortcut against 4 UNet groups
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, inverse_scheduler=None):
+    _diffusers_class_name = "StableDiffusionDiffEditPipeline"
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 inverse_scheduler=None, requires_safety_checker: bool = False):
         from minidiff.schedulers.ddim import DDIMInverseScheduler
 
-        super().__init__(vae, text_encoder, tokenizer, unet, scheduler)
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
+                         requires_safety_checker=requires_safety_checker)
         if inverse_scheduler is None:
             inverse_scheduler = DDIMInverseScheduler.from_config(scheduler.config)
         self.inverse_scheduler = inverse_scheduler
@@ -230,7 +234,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
         independent sample per repeat: (B * repeats, 4, H/f, W/f), repeats of an image adjacent.
         The encoder runs once per image; diffusers encodes every repeat (same mean and std)."""
         vae_dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode(image.to(device=self.device, dtype=vae_dtype))
+        posterior = self.vae.encode(image.to(device=self.device, dtype=vae_dtype)).latent_dist
         mean = posterior.mean.repeat_interleave(repeats, dim=0)  # (B*repeats, 4, h, w)
         std = posterior.std.repeat_interleave(repeats, dim=0)
         z = mean + std * randn(mean.shape, generator, self.device, mean.dtype)  # reparameterisation
@@ -361,10 +365,10 @@ class DiffEditPipeline(StableDiffusionPipeline):
         # below: two UNet groups give the same mask as four.
         shared_negative = not do_cfg or (self._share_negative_branch and torch.equal(c_src_neg, c_tgt_neg))
         if shared_negative:
-            eps = self.unet(torch.cat([x_t, x_t]), t, torch.cat([c_src, c_tgt]))  # (2*B*M, 4, h, w)
+            eps = self.unet(torch.cat([x_t, x_t]), t, torch.cat([c_src, c_tgt])).sample  # (2*B*M, 4, h, w)
             eps_src, eps_tgt = eps.chunk(2)
         else:
-            eps = self.unet(torch.cat([x_t] * 4), t, torch.cat([c_src_neg, c_src, c_tgt_neg, c_tgt]))
+            eps = self.unet(torch.cat([x_t] * 4), t, torch.cat([c_src_neg, c_src, c_tgt_neg, c_tgt])).sample
             eps_src_neg, eps_src, eps_tgt_neg, eps_tgt = eps.chunk(4)
             eps_src = eps_src_neg + guidance_scale * (eps_src - eps_src_neg)
             eps_tgt = eps_tgt_neg + guidance_scale * (eps_tgt - eps_tgt_neg)
@@ -438,7 +442,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
         for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit invert")):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             x_in = self.inverse_scheduler.scale_model_input(x_in, t)
-            eps = self.unet(x_in, t, context)  # evaluated at the noisier level t (DDIM sec. 4.3)
+            eps = self.unet(x_in, t, context).sample  # evaluated at the noisier level t (DDIM sec. 4.3)
             if do_cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -572,7 +576,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
         for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit edit")):
             y_in = torch.cat([y_t, y_t]) if do_cfg else y_t
             y_in = self.scheduler.scale_model_input(y_in, t)
-            eps = self.unet(y_in, t, context)
+            eps = self.unet(y_in, t, context).sample
             if do_cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -590,4 +594,9 @@ class DiffEditPipeline(StableDiffusionPipeline):
             images = y_t
         else:
             images = postprocess(self.decode_latents(y_t), output_type)
-        return PipelineOutput(images) if return_dict else (images,)
+        return PipelineOutput(images) if return_dict else (images, None)
+
+
+# diffusers names this pipeline StableDiffusionDiffEditPipeline; the same class under that name, so
+# `from minidiff import StableDiffusionDiffEditPipeline` runs diffusers code unchanged.
+StableDiffusionDiffEditPipeline = DiffEditPipeline

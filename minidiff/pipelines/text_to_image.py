@@ -8,8 +8,9 @@
         x_{t-1} = scheduler.step(eps, t, x_t)               DDIM eq. 12 (minidiff/schedulers/ddim.py)
     image = vae.decode(x_0 / 0.18215)                       (B, 3, H, W) in [-1, 1]
 
-`StableDiffusionPipeline` is also the base of the other pipelines (DiffEdit): it owns loading the
-components, prompt encoding, latent decoding, progress bars and image conversion.
+`StableDiffusionPipeline` is also the base of DiffEdit: it owns prompt encoding, latent decoding
+and image conversion; loading, saving, devices and memory switches are `DiffusionPipeline`'s
+(pipeline.py).
 
 Reference: diffusers' StableDiffusionPipeline (same argument names and defaults).
 """
@@ -17,128 +18,72 @@ Reference: diffusers' StableDiffusionPipeline (same argument names and defaults)
 from __future__ import annotations
 
 import inspect
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-from tqdm.auto import tqdm
 
-from minidiff.loading import read_json, resolve_folder
 from minidiff.pipelines.images import postprocess
+from minidiff.pipelines.pipeline import DiffusionPipeline
 from minidiff.schedulers.base import randn
 
 
 @dataclass
 class PipelineOutput:
+    """diffusers' StableDiffusionPipelineOutput: `.images`, and `nsfw_content_detected`, always None
+    (minidiff has no safety checker, as diffusers pipelines loaded with safety_checker=None)."""
+
     images: Any  # list of PIL images, a numpy array (B, H, W, 3), or a tensor
+    nsfw_content_detected: list[bool] | None = None
 
     def __getitem__(self, i):
-        return (self.images,)[i]
+        return (self.images, self.nsfw_content_detected)[i]
 
 
 def _as_list(prompt: str | list[str] | None) -> list[str] | None:
     return [prompt] if isinstance(prompt, str) else prompt
 
 
-class StableDiffusionPipeline:
-    # The component classes a model_index.json may name, mapped to minidiff's own.
-    @staticmethod
-    def _component_classes() -> dict[str, type]:
-        from minidiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection
-        from minidiff.models.unet import UNet2DConditionModel
-        from minidiff.models.vae import AutoencoderKL
-        from minidiff.tokenizer import CLIPTokenizer
+class StableDiffusionPipeline(DiffusionPipeline):
+    _diffusers_class_name = "StableDiffusionPipeline"
 
-        return {"UNet2DConditionModel": UNet2DConditionModel, "AutoencoderKL": AutoencoderKL,
-                "CLIPTextModel": CLIPTextModel, "CLIPTextModelWithProjection": CLIPTextModelWithProjection,
-                "CLIPTokenizer": CLIPTokenizer, "CLIPTokenizerFast": CLIPTokenizer}
-
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 image_encoder=None, requires_safety_checker: bool = False):
+        # diffusers' signature. minidiff has no safety checker (nor its feature extractor), so those
+        # must be None; image_encoder is carried along (diffusers uses it for IP-Adapters) unused.
+        if safety_checker is not None or feature_extractor is not None or requires_safety_checker:
+            raise ValueError("minidiff has no safety checker: pass safety_checker=None, feature_extractor=None "
+                             "(and requires_safety_checker=False).")
         self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = vae, text_encoder, tokenizer, unet, scheduler
+        self.safety_checker = self.feature_extractor = None
+        self.image_encoder = image_encoder
         self._progress_bar_config: dict = {}
-
-    # ------------------------------------------------------------------------------------------
-    # Loading
-
-    @classmethod
-    def _load_components(cls, path_or_repo_id, torch_dtype=None, variant=None, local_files_only=None) -> dict:
-        from minidiff.schedulers.ddim import DDIMScheduler
-
-        root = resolve_folder(path_or_repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"],
-                              local_files_only=local_files_only)
-        index = read_json(root, "model_index.json")
-        classes = cls._component_classes()
-        parts: dict[str, Any] = {}
-        for name in ("vae", "text_encoder", "tokenizer", "unet"):
-            spec = index.get(name)
-            if not spec or spec[1] not in classes:
-                raise ValueError(f"model_index.json in {str(root)!r} needs a supported {name!r} component; it says {spec!r}.")
-            component = classes[spec[1]]
-            if name == "tokenizer":
-                parts[name] = component.from_pretrained(root, subfolder="tokenizer")
-            else:
-                parts[name] = component.from_pretrained(root, subfolder=name, torch_dtype=torch_dtype, variant=variant)
-        # The sampling loop is DDIM's: SD 1.5 ships a PNDM config, whose betas DDIM reads as is.
-        parts["scheduler_config"] = read_json(root / "scheduler", "scheduler_config.json")
-        parts["scheduler"] = DDIMScheduler.from_config(parts["scheduler_config"])
-        return parts
-
-    @classmethod
-    def from_pretrained(cls, path_or_repo_id: str | os.PathLike, torch_dtype: torch.dtype | None = None,
-                        device: str | torch.device | None = None, variant: str | None = None,
-                        local_files_only: bool | None = None):
-        parts = cls._load_components(path_or_repo_id, torch_dtype, variant, local_files_only)
-        pipe = cls(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"], parts["scheduler"])
-        return pipe.to(device) if device is not None else pipe
-
-    def components(self) -> dict[str, Any]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder, "unet": self.unet}
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
-        for module in self.components().values():
-            module.to(device=device, dtype=dtype)
-        return self
-
-    @property
-    def device(self) -> torch.device:
-        """Where the sampling loop runs. With CPU offloading (minidiff/memory/offload.py) the weights
-        live on the CPU between calls, so the offload hooks record the execution device here."""
-        offload_device = getattr(self, "_offload_device", None)
-        return offload_device if offload_device is not None else next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
 
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
-    # Memory switches for the VAE, used by `decode_latents` (and DiffEdit's image encoding); see
-    # AutoencoderKL.enable_slicing / enable_tiling. Slicing gives the same images; tiling changes
-    # them slightly (each tile is normalised on its own) and only for images above sample_size.
+    # What the loop needs to know about the UNet. The "Tracing" section of diffusers' memory guide
+    # swaps in a wrapper of a torch.jit-traced UNet that has no config and no parameters, only
+    # `in_channels` and `device`; these three read such a wrapper too.
 
-    def enable_vae_slicing(self) -> None:
-        """Decode a batch of latents one image at a time (for large batches)."""
-        self.vae.enable_slicing()
+    @property
+    def _unet_in_channels(self) -> int:
+        config = getattr(self.unet, "config", None)
+        return config.in_channels if config is not None else self.unet.in_channels
 
-    def disable_vae_slicing(self) -> None:
-        self.vae.disable_slicing()
+    @property
+    def _default_size(self) -> int:
+        """Image side the UNet was built for: sample_size latents (or the VAE's sample_size)."""
+        config = getattr(self.unet, "config", None)
+        return config.sample_size * self.vae_scale_factor if config is not None else self.vae.config.sample_size
 
-    def enable_vae_tiling(self) -> None:
-        """Decode (and encode) large images as overlapping tiles of the VAE's sample_size."""
-        self.vae.enable_tiling()
-
-    def disable_vae_tiling(self) -> None:
-        self.vae.disable_tiling()
-
-    def set_progress_bar_config(self, **kwargs) -> None:
-        self._progress_bar_config = kwargs
-
-    def progress_bar(self, iterable, desc: str | None = None):
-        return tqdm(iterable, desc=desc, **self._progress_bar_config)
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's dtype (the text encoder's, for a wrapped UNet without parameters)."""
+        weight = next(self.unet.parameters(), None)
+        return weight.dtype if weight is not None else next(self.text_encoder.parameters()).dtype
 
     # ------------------------------------------------------------------------------------------
     # Shared steps
@@ -171,7 +116,10 @@ class StableDiffusionPipeline:
                 raise ValueError("Pass either `prompt` or `prompt_embeds`.")
             prompt_embeds = self._text_states(prompts, device, clip_skip)
         batch = prompt_embeds.shape[0]
-        dtype = next(self.text_encoder.parameters()).dtype
+        # The UNet's dtype, where diffusers takes the text encoder's: transformers 5 loads a text
+        # encoder in its file's dtype by default (fp16 for weights/shapes) while the UNet loads in
+        # float32, and diffusers' loop then fails on the mixed dtypes. The cast is exact upwards.
+        dtype = self.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
 
         if do_classifier_free_guidance and negative_prompt_embeds is None:
@@ -196,7 +144,7 @@ class StableDiffusionPipeline:
         The diffusion model works on latents scaled by `scaling_factor` (0.18215: 1 / the SD VAE
         latent std), so we undo that first."""
         vae_dtype = next(self.vae.parameters()).dtype
-        image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor)
+        image = self.vae.decode(latents.to(vae_dtype) / self.vae.config.scaling_factor).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     def _step_kwargs(self, eta: float, generator) -> dict:
@@ -233,8 +181,8 @@ class StableDiffusionPipeline:
         clip_skip: int | None = None,
     ):
         f = self.vae_scale_factor
-        height = height or self.unet.config.sample_size * f
-        width = width or self.unet.config.sample_size * f
+        height = height or self._default_size
+        width = width or self._default_size
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be divisible by 8; got {height}x{width}.")
         if num_inference_steps < 1:
@@ -253,7 +201,7 @@ class StableDiffusionPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=device)
 
         # 3. x_T ~ N(0, I) in latent space (B*n, 4, H/8, W/8).
-        shape = (c.shape[0], self.unet.config.in_channels, height // f, width // f)
+        shape = (c.shape[0], self._unet_in_channels, height // f, width // f)
         if latents is None:
             latents = randn(shape, generator, device, c.dtype)
         elif tuple(latents.shape) != shape:
@@ -265,7 +213,7 @@ class StableDiffusionPipeline:
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps, desc="text-to-image")):
             x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
             x_in = self.scheduler.scale_model_input(x_in, t)
-            eps = self.unet(x_in, t, context)
+            eps = self.unet(x_in, t, encoder_hidden_states=context).sample
             if do_cfg:
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
@@ -278,4 +226,4 @@ class StableDiffusionPipeline:
             images = x_t
         else:
             images = postprocess(self.decode_latents(x_t), output_type)
-        return PipelineOutput(images) if return_dict else (images,)
+        return PipelineOutput(images) if return_dict else (images, None)

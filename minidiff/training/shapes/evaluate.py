@@ -153,7 +153,7 @@ def evaluate_diffedit(folder=SHAPES_MODEL, n: int = 200, seed: int = 0, batch_si
 @torch.no_grad()
 def reconstruct(vae, images: torch.Tensor, batch_size: int = 50) -> torch.Tensor:
     """decode(posterior mean) of images (B, 3, H, W) in [-1, 1], clamped to [-1, 1], in chunks."""
-    return torch.cat([vae(images[i:i + batch_size]).clamp(-1, 1) for i in range(0, len(images), batch_size)])
+    return torch.cat([vae(images[i:i + batch_size]).sample.clamp(-1, 1) for i in range(0, len(images), batch_size)])
 
 
 def mean_psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:

@@ -182,7 +182,7 @@ def measure_latent_std(vae: AutoencoderKL, n: int = 512, seed: int = 12345, batc
     g = torch.Generator().manual_seed(seed)
     batch_size = min(batch_size, n)
     batches = scene_batches(seed, batch_size)
-    zs = [vae.encode(next(batches).images).sample(g) for _ in range(math.ceil(n / batch_size))]  # (B, 4, 16, 16) each
+    zs = [vae.encode(next(batches).images).latent_dist.sample(g) for _ in range(math.ceil(n / batch_size))]  # (B, 4, 16, 16) each
     return torch.cat(zs).std().item()
 
 
@@ -212,9 +212,9 @@ def train_vae(out_dir=DEFAULT_CKPT_DIR, steps: int = 4000, batch_size: int = 16,
         x = next(batches).images  # (B, 3, 128, 128) in [-1, 1]
         if crop is not None and crop < x.shape[-1]:
             x = random_crops(x, crop, g)  # (B, 3, crop, crop)
-        posterior = vae.encode(x)
+        posterior = vae.encode(x).latent_dist
         z = posterior.sample(g)  # (B, 4, 16, 16)
-        x_hat = vae.decode(z)
+        x_hat = vae.decode(z).sample
         rec = F.l1_loss(x_hat, x)
         kl = posterior.kl().mean()  # per image, summed over the 4x16x16 latent
         loss = rec + kl_weight * kl
@@ -407,7 +407,7 @@ def encode_pool(vae: AutoencoderKL, seed: int, n: int, batch_size: int = 64, cac
     batches = scene_batches(seed, batch_size)
     for _ in tqdm(range(math.ceil(n / batch_size)), desc="encode latent pool", disable=not progress):
         batch = next(batches)
-        posterior = vae.encode(batch.images)
+        posterior = vae.encode(batch.images).latent_dist
         means.append(posterior.mean * scale)  # (B, 4, 16, 16)
         stds.append(posterior.std * scale)
         captions += batch.captions
@@ -467,7 +467,7 @@ def train_unet(out_dir=DEFAULT_CKPT_DIR, steps: int = 12000, batch_size: int = 3
         eps = torch.randn(x_0.shape, generator=g)
         t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,), generator=g)
         x_t = noise_scheduler.add_noise(x_0, eps, t)  # DDPM eq. 4
-        per_sample = (unet(x_t, t, context) - eps).pow(2).mean(dim=(1, 2, 3))  # DDPM eq. 14, per image
+        per_sample = (unet(x_t, t, context).sample - eps).pow(2).mean(dim=(1, 2, 3))  # DDPM eq. 14, per image
         loss = (min_snr_weight(noise_scheduler.alphas_cumprod, t, snr_gamma) * per_sample).mean()
         for group in opt.param_groups:
             group["lr"] = _lr_at(step, lr, warmup, steps)
