@@ -164,6 +164,9 @@ def run_check(
     image_size: int = 64,
 ) -> list[Row]:
     """Compare every component named in model_index.json; return the table rows."""
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar per reference model
     root = resolve_folder(path_or_repo_id, allow_patterns=["*.json", "*.txt", "*.safetensors"])
     index = read_json(root, "model_index.json")
     gen = torch.Generator().manual_seed(seed)
@@ -171,7 +174,8 @@ def run_check(
     for name, spec in index.items():
         if name.startswith("_") or not isinstance(spec, list) or spec[1] is None:
             continue
-        cls_name, folder = spec[1], root / name
+        # resolve_folder's message names the missing subfolder and what the folder holds instead.
+        cls_name, folder = spec[1], resolve_folder(root, name)
         if cls_name == "UNet2DConditionModel":
             rows += check_unet(folder, device, dtype, gen, latent_size)
         elif cls_name == "AutoencoderKL":

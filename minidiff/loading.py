@@ -35,6 +35,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from minidiff.errors import InputError
+
 SAFETENSORS_INDEX_SUFFIX = ".safetensors.index.json"
 
 
@@ -122,7 +124,7 @@ def read_json(folder: str | os.PathLike, name: str) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({err}).") from err
+        raise InputError(f"{str(path)!r} is not valid JSON ({err}).") from err
 
 
 def write_json(data: dict, path: str | os.PathLike) -> None:
@@ -160,7 +162,7 @@ def weight_files(folder: str | os.PathLike, weights_name: str, variant: str | No
     if index.is_file():
         weight_map = read_json(folder, index.name).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{str(index)!r} has no 'weight_map' dictionary; it is not a shard index.")
+            raise InputError(f"{str(index)!r} has no 'weight_map' dictionary; it is not a shard index.")
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
@@ -185,13 +187,13 @@ def read_state_dict(files: Iterable[str | os.PathLike]) -> dict[str, torch.Tenso
         try:
             part = load_file(str(path), device="cpu")
         except Exception as err:  # safetensors raises SafetensorError / OSError for bad headers
-            raise ValueError(
+            raise InputError(
                 f"{str(path)!r} is not a readable safetensors file ({err}). It may be truncated "
                 "(an interrupted download) or another format (a pickled .ckpt/.bin); re-download it."
             ) from err
         duplicated = state.keys() & part.keys()
         if duplicated:
-            raise ValueError(f"Tensors {sorted(duplicated)[:5]} appear in more than one shard (last seen in {path.name}).")
+            raise InputError(f"Tensors {sorted(duplicated)[:5]} appear in more than one shard (last seen in {path.name}).")
         state.update(part)
     return state
 
@@ -229,7 +231,7 @@ def check_state_dict(expected: dict[str, torch.Size], state_dict: dict[str, torc
     if any(k.endswith(".absmax") for k in unexpected):
         parts.append("  The file holds NF4-quantised layers (keys ending in '.absmax'): load it with "
                      "minidiff.memory.load_quantized(model, path) instead.")
-    raise ValueError("\n".join(parts))
+    raise InputError("\n".join(parts))
 
 
 def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "the checkpoint") -> nn.Module:
@@ -347,7 +349,7 @@ def resolve_dtype(torch_dtype, default: str, config: dict, state: dict[str, torc
         return next((v.dtype for v in state.values() if v.is_floating_point()), None)
     if isinstance(torch_dtype, str):
         if not isinstance(getattr(torch, torch_dtype, None), torch.dtype):
-            raise ValueError(f"torch_dtype={torch_dtype!r} is not a torch dtype; use e.g. torch.float16 or \"auto\".")
+            raise InputError(f"torch_dtype={torch_dtype!r} is not a torch dtype; use e.g. torch.float16 or \"auto\".")
         torch_dtype = getattr(torch, torch_dtype)
     return torch_dtype
 
@@ -406,7 +408,7 @@ class PretrainedMixin:
         `dtype=` is transformers 5's name for `torch_dtype`; the dtype rule is `resolve_dtype`'s.
         `use_safetensors` is accepted for diffusers code: minidiff reads safetensors only."""
         if use_safetensors is False:
-            raise ValueError("minidiff reads only .safetensors weights (no pickled .bin/.ckpt); "
+            raise InputError("minidiff reads only .safetensors weights (no pickled .bin/.ckpt); "
                              "drop use_safetensors=False.")
         torch_dtype = dtype if torch_dtype is None else torch_dtype
         stem = cls.weights_name.removesuffix(".safetensors")

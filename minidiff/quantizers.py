@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from minidiff.errors import InputError
+
 SUPPORTED_BACKENDS = ("bitsandbytes_4bit",)
 # The quant_kwargs minidiff reads; the others bitsandbytes knows are refused rather than ignored.
 KNOWN_KWARGS = ("load_in_4bit", "bnb_4bit_quant_type", "bnb_4bit_compute_dtype", "bnb_4bit_use_double_quant",
@@ -39,16 +41,16 @@ class PipelineQuantizationConfig:
 
     def __post_init__(self):
         if self.quant_backend not in SUPPORTED_BACKENDS:
-            raise ValueError(f"quant_backend={self.quant_backend!r} is not available in minidiff; it implements "
+            raise InputError(f"quant_backend={self.quant_backend!r} is not available in minidiff; it implements "
                              f"{SUPPORTED_BACKENDS} (NF4 weights, minidiff/memory/nf4.py).")
         unknown = sorted(set(self.quant_kwargs) - set(KNOWN_KWARGS))
         if unknown:
-            raise ValueError(f"quant_kwargs {unknown} are not supported; minidiff reads {list(KNOWN_KWARGS)}.")
+            raise InputError(f"quant_kwargs {unknown} are not supported; minidiff reads {list(KNOWN_KWARGS)}.")
         if self.quant_kwargs.get("load_in_4bit", True) is not True:
-            raise ValueError("quant_backend='bitsandbytes_4bit' needs load_in_4bit=True.")
+            raise InputError("quant_backend='bitsandbytes_4bit' needs load_in_4bit=True.")
         kind = self.quant_kwargs.get("bnb_4bit_quant_type", "nf4")
         if kind != "nf4":
-            raise ValueError(f"bnb_4bit_quant_type={kind!r} is not implemented; minidiff quantizes to 'nf4' only.")
+            raise InputError(f"bnb_4bit_quant_type={kind!r} is not implemented; minidiff quantizes to 'nf4' only.")
         if isinstance(self.components_to_quantize, str):
             self.components_to_quantize = [self.components_to_quantize]
 

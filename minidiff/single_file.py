@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from minidiff.errors import InputError
 from minidiff.loading import load_strict, read_json
 
 UNET_PREFIX = "model.diffusion_model."
@@ -269,7 +270,7 @@ def _open_safetensors(path: Path):
     from safetensors import safe_open
 
     if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise ValueError(
+        raise InputError(
             f"{str(path)!r} is a pickled PyTorch checkpoint ({path.suffix}). minidiff reads only "
             ".safetensors files: unpickling a file can run any code it contains. Convert it once, in an "
             "environment you trust, e.g.\n    import torch, safetensors.torch as st\n"
@@ -280,7 +281,7 @@ def _open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt", device="cpu")
     except Exception as err:  # SafetensorError / OSError for a bad header
-        raise ValueError(f"{str(path)!r} is not a readable safetensors file ({err}). It may be truncated, "
+        raise InputError(f"{str(path)!r} is not a readable safetensors file ({err}). It may be truncated, "
                          "or a pickled checkpoint with the wrong extension.") from err
 
 
@@ -321,7 +322,7 @@ def load_model(cls, path: str | os.PathLike, config: str | os.PathLike | dict | 
     """
     name = cls.__name__
     if name not in COMPONENTS:
-        raise ValueError(f"from_single_file supports {sorted(COMPONENTS)}; {name} is not part of an SD checkpoint.")
+        raise InputError(f"from_single_file supports {sorted(COMPONENTS)}; {name} is not part of an SD checkpoint.")
     subfolder, what, expected = COMPONENTS[name]
     path = Path(path).expanduser()
     if not path.is_file():
@@ -332,7 +333,7 @@ def load_model(cls, path: str | os.PathLike, config: str | os.PathLike | dict | 
         family = detect_family(keys, lambda k: f.get_slice(k).get_shape())
         prefix = component_prefix(name, keys)
         if prefix is None:
-            raise ValueError(f"{str(path)!r} has no keys starting with {expected}, so it holds no {what}; "
+            raise InputError(f"{str(path)!r} has no keys starting with {expected}, so it holds no {what}; "
                              "is it a full Stable Diffusion checkpoint in the original (LDM) layout?")
         state = {k: f.get_tensor(k) for k in keys if k.startswith(prefix) and (prefix or k.startswith(VAE_ROOTS))}
 

@@ -45,6 +45,7 @@ import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from minidiff.errors import InputError
 from minidiff.loading import resolve_folder, write_json
 
 BOS = "<|startoftext|>"
@@ -82,9 +83,9 @@ def read_vocab(path: str | os.PathLike) -> dict[str, int]:
         try:
             vocab = json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path)!r} is not valid JSON ({err}).") from err
+            raise InputError(f"{str(path)!r} is not valid JSON ({err}).") from err
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{str(path)!r} should map each token (a string) to its id (an integer).")
+        raise InputError(f"{str(path)!r} should map each token (a string) to its id (an integer).")
     return vocab
 
 
@@ -100,7 +101,7 @@ def read_merges(path: str | os.PathLike) -> list[tuple[str, str]]:
                 continue
             parts = line.split(" ")
             if len(parts) != 2:
-                raise ValueError(f"{str(path)!r} line {line_no} should hold two symbols separated by one space, got {line!r}.")
+                raise InputError(f"{str(path)!r} line {line_no} should hold two symbols separated by one space, got {line!r}.")
             merges.append((parts[0], parts[1]))
     return merges
 
@@ -111,7 +112,7 @@ def _read_tokenizer_json(path: Path) -> tuple[dict[str, int], list[tuple[str, st
         data = json.load(f)
     model = data.get("model") or {}
     if model.get("type") != "BPE":
-        raise ValueError(f"{str(path)!r} does not hold a BPE model, so it is not a CLIP tokenizer.")
+        raise InputError(f"{str(path)!r} does not hold a BPE model, so it is not a CLIP tokenizer.")
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
     return model["vocab"], merges, data.get("added_tokens", [])
 
@@ -166,7 +167,7 @@ class CLIPTokenizer:
         for name in NAMED_TOKENS:
             content, _ = _token_parts(specials.get(name) or (BOS if name == "bos_token" else EOS))
             if content not in vocab:
-                raise ValueError(f"The {name} {content!r} is not in the vocabulary (vocab.json).")
+                raise InputError(f"The {name} {content!r} is not in the vocabulary (vocab.json).")
             names[name] = content
         self.bos_token, self.eos_token = names["bos_token"], names["eos_token"]
         self.unk_token, self.pad_token = names["unk_token"], names["pad_token"]
@@ -291,14 +292,14 @@ class CLIPTokenizer:
         if padding is True:
             padding = "longest"
         if padding not in ("max_length", "longest", False, "do_not_pad"):
-            raise ValueError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}.")
+            raise InputError(f"padding must be 'max_length', 'longest', True or False, got {padding!r}.")
         if return_tensors not in ("pt", None):
-            raise ValueError(f"return_tensors must be 'pt' or None, got {return_tensors!r}.")
+            raise InputError(f"return_tensors must be 'pt' or None, got {return_tensors!r}.")
         if truncation is None:
             truncation = padding == "max_length"
         length = self.model_max_length if max_length is None else int(max_length)
         if (truncation or padding == "max_length") and length < 2:
-            raise ValueError(f"max_length must leave room for <|startoftext|> and <|endoftext|> (>= 2), got {length}.")
+            raise InputError(f"max_length must leave room for <|startoftext|> and <|endoftext|> (>= 2), got {length}.")
 
         encodings = self._backend.encode_batch(texts_list, add_special_tokens=False)
         input_ids = []
@@ -316,7 +317,7 @@ class CLIPTokenizer:
 
         if return_tensors == "pt":
             if len({len(ids) for ids in input_ids}) > 1:
-                raise ValueError(
+                raise InputError(
                     "The sequences have different lengths, so they cannot be stacked into one tensor: "
                     "use padding='max_length' or 'longest' (and truncation=True for prompts longer "
                     f"than {length} tokens), or return_tensors=None."
@@ -334,7 +335,7 @@ class CLIPTokenizer:
         (punctuation too: "a cat, sitting" -> "a cat , sitting") and in lower case."""
         if isinstance(ids, torch.Tensor):
             if ids.dim() > 1:
-                raise ValueError(f"decode takes one sequence of ids, got a tensor of shape {tuple(ids.shape)}; use batch_decode.")
+                raise InputError(f"decode takes one sequence of ids, got a tensor of shape {tuple(ids.shape)}; use batch_decode.")
             ids = ids.tolist()
         ids = [ids] if isinstance(ids, int) else [int(i) for i in ids]
         text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -380,9 +381,9 @@ def _check_texts(texts: Any) -> list[str]:
     if isinstance(texts, (list, tuple)) and texts and all(isinstance(t, str) for t in texts):
         return list(texts)
     if isinstance(texts, (list, tuple)) and not texts:
-        raise ValueError("The tokenizer got an empty list of prompts; give at least one string.")
+        raise InputError("The tokenizer got an empty list of prompts; give at least one string.")
     bad = texts if not isinstance(texts, (list, tuple)) else next(t for t in texts if not isinstance(t, str))
-    raise ValueError(
+    raise InputError(
         f"The tokenizer takes a string or a list of strings, but got {type(bad).__name__} {bad!r:.60}."
     )
 
@@ -394,4 +395,4 @@ def _read_optional_json(path: Path) -> dict:
         try:
             return json.load(f)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{str(path)!r} is not valid JSON ({err}).") from err
+            raise InputError(f"{str(path)!r} is not valid JSON ({err}).") from err

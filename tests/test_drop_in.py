@@ -178,8 +178,6 @@ def test_pipeline_default_dtypes_run_where_diffusers_fails():
     """With torch_dtype=None the components take their libraries' defaults, as in diffusers:
     UNet and VAE float32, the text encoder fp16 (transformers 5's "auto"). diffusers' loop then
     stops on the mixed dtypes; minidiff casts the text states to the UNet's dtype and runs."""
-    import diffusers
-
     ref = diffusers_pipe(str(SHAPES))
     ours = quiet(StableDiffusionPipeline.from_pretrained(SHAPES))
     for name in ("unet", "vae", "text_encoder"):

@@ -68,6 +68,8 @@ import torch
 import triton
 import triton.language as tl
 
+from minidiff.errors import InputError
+
 # `@triton.jit` chooses between the interpreter and the compiler when it decorates a kernel, from
 # this knob (the TRITON_INTERPRET environment variable): the choice is fixed at import time.
 INTERPRETED = bool(triton.knobs.runtime.interpret)
@@ -356,15 +358,15 @@ def _normalize_mask(mask: torch.Tensor | None, B: int, H: int, n_q: int, n_k: in
     if mask is None:
         return None
     if not isinstance(mask, torch.Tensor):
-        raise ValueError(f"mask should be a torch.Tensor or None, got {type(mask).__name__}.")
+        raise InputError(f"mask should be a torch.Tensor or None, got {type(mask).__name__}.")
     if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(f"mask should be boolean (True keeps a key) or floating (added to the scores), got {mask.dtype}.")
+        raise InputError(f"mask should be boolean (True keeps a key) or floating (added to the scores), got {mask.dtype}.")
     if mask.dim() == 2:
         if tuple(mask.shape) != (B, n_k):
-            raise ValueError(f"A 2-D mask is a key padding mask of shape (batch, keys) = ({B}, {n_k}); got {tuple(mask.shape)}.")
+            raise InputError(f"A 2-D mask is a key padding mask of shape (batch, keys) = ({B}, {n_k}); got {tuple(mask.shape)}.")
         mask = mask[:, None, None, :]  # (B, 1, 1, Nk)
     if mask.dim() != 4 or any(m not in (1, full) for m, full in zip(mask.shape, (B, H, n_q, n_k))):
-        raise ValueError(
+        raise InputError(
             f"mask of shape {tuple(mask.shape)} does not fit attention of (batch, heads, queries, keys) = "
             f"({B}, {H}, {n_q}, {n_k}): pass (batch, keys) or a 4-D mask whose dims are 1 or those sizes, "
             f"e.g. ({B}, 1, 1, {n_k}) for key padding."
@@ -416,17 +418,17 @@ def check_inputs(q, k, v, mask=None, scale=None) -> torch.Tensor | None:
     """Raise a ValueError for anything the kernel cannot take; return the normalized mask."""
     reason = unsupported_reason(q, k, v, mask)
     if reason is not None:
-        raise ValueError(reason)
+        raise InputError(reason)
     if q.device.type != "cuda" and not INTERPRETED:
-        raise ValueError(
+        raise InputError(
             f"The Triton kernel runs on CUDA tensors; these are on {q.device}. To run it on the CPU "
             "through Triton's interpreter, set TRITON_INTERPRET=1 before importing "
             "minidiff.kernels.flash_attention; or use the 'sdpa' / 'math' backend."
         )
     if INTERPRETED and q.dtype == torch.bfloat16:
-        raise ValueError("Triton's interpreter (numpy) has no bfloat16 arithmetic: use float16/float32 on the CPU, bf16 on a GPU.")
+        raise InputError("Triton's interpreter (numpy) has no bfloat16 arithmetic: use float16/float32 on the CPU, bf16 on a GPU.")
     if scale is not None and not isinstance(scale, (int, float)):
-        raise ValueError(f"scale should be a number or None (meaning 1/sqrt(head_dim)), got {type(scale).__name__}.")
+        raise InputError(f"scale should be a number or None (meaning 1/sqrt(head_dim)), got {type(scale).__name__}.")
     B, H, n_q, _ = q.shape
     return _normalize_mask(mask, B, H, n_q, k.shape[2])
 

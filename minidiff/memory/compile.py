@@ -36,6 +36,7 @@ import torch
 import torch._dynamo
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.models.clip import CLIPEncoderLayer
 from minidiff.models.resnet import ResnetBlock2D
 from minidiff.models.transformer import BasicTransformerBlock
@@ -50,7 +51,7 @@ def _modules(target) -> list[nn.Module]:
         return [target]
     parts = getattr(target, "components", None)
     if parts is None:
-        raise ValueError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
+        raise InputError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
     return [m for m in parts.values() if isinstance(m, nn.Module)]
 
 
@@ -66,7 +67,7 @@ def compile_blocks(target, block_types: tuple[type[nn.Module], ...] = REPEATED_B
                 module.compile(**compile_kwargs)
                 names.append(name)
     if not names:
-        raise ValueError(f"Found no blocks of types {[t.__name__ for t in block_types]} to compile in "
+        raise InputError(f"Found no blocks of types {[t.__name__ for t in block_types]} to compile in "
                          f"{type(target).__name__}; pass block_types=(...) with the classes that repeat.")
     if torch._dynamo.config.recompile_limit < RECOMPILE_LIMIT:
         torch._dynamo.config.recompile_limit = RECOMPILE_LIMIT

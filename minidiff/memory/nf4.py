@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.loading import load_strict, read_state_dict, save_weights
 
 # The 16 NF4 values, exactly as bitsandbytes stores them (float32). NF4 is a lookup table, not a
@@ -145,12 +146,12 @@ def _blockwise(x: torch.Tensor, code: torch.Tensor, block_size: int) -> tuple[to
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, double_quant: bool = False) -> NF4Tensor:
     """Quantise a float tensor of any shape to NF4 (QLoRA), as bitsandbytes' quantize_4bit."""
     if weight.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"NF4 quantises float32, float16 or bfloat16 tensors, not {weight.dtype}; "
+        raise InputError(f"NF4 quantises float32, float16 or bfloat16 tensors, not {weight.dtype}; "
                          "convert it first, e.g. weight.float().")
     if block_size not in BLOCK_SIZES:
-        raise ValueError(f"block_size must be one of {BLOCK_SIZES} (those bitsandbytes supports), not {block_size}.")
+        raise InputError(f"block_size must be one of {BLOCK_SIZES} (those bitsandbytes supports), not {block_size}.")
     if weight.numel() == 0:
-        raise ValueError("Cannot quantise an empty tensor.")
+        raise InputError("Cannot quantise an empty tensor.")
     codes, absmax = _blockwise(weight.detach().flatten().float(), NF4_CODE, block_size)
     if codes.numel() % 2:  # an odd size: pad with the code of 0.0, as bitsandbytes does
         codes = torch.cat([codes, codes.new_tensor([7])])
@@ -209,9 +210,9 @@ class LinearNF4(nn.Module):
                  compute_dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, not {block_size}.")
+            raise InputError(f"block_size must be one of {BLOCK_SIZES}, not {block_size}.")
         if dtype not in FLOAT_DTYPES or (compute_dtype is not None and compute_dtype not in FLOAT_DTYPES):
-            raise ValueError(f"dtype and compute_dtype must be one of {FLOAT_DTYPES}, not {dtype} / {compute_dtype}.")
+            raise InputError(f"dtype and compute_dtype must be one of {FLOAT_DTYPES}, not {dtype} / {compute_dtype}.")
         self.in_features, self.out_features = in_features, out_features
         self.block_size, self.double_quant = block_size, double_quant
         self.dtype, self.compute_dtype = dtype, compute_dtype
@@ -270,9 +271,9 @@ class Conv2dNF4(nn.Module):
                  dtype: torch.dtype = torch.float32, compute_dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if block_size not in BLOCK_SIZES:
-            raise ValueError(f"block_size must be one of {BLOCK_SIZES}, not {block_size}.")
+            raise InputError(f"block_size must be one of {BLOCK_SIZES}, not {block_size}.")
         if dtype not in FLOAT_DTYPES or (compute_dtype is not None and compute_dtype not in FLOAT_DTYPES):
-            raise ValueError(f"dtype and compute_dtype must be one of {FLOAT_DTYPES}, not {dtype} / {compute_dtype}.")
+            raise InputError(f"dtype and compute_dtype must be one of {FLOAT_DTYPES}, not {dtype} / {compute_dtype}.")
         pair = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v, v)
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride, self.dilation = pair(kernel_size), pair(stride), pair(dilation)
@@ -290,7 +291,7 @@ class Conv2dNF4(nn.Module):
     def from_conv(cls, conv: nn.Conv2d, block_size: int = 64, double_quant: bool = False,
                   compute_dtype: torch.dtype | None = None) -> "Conv2dNF4":
         if conv.padding_mode != "zeros":
-            raise ValueError(f"Conv2dNF4 supports zero padding only, not padding_mode={conv.padding_mode!r}; "
+            raise InputError(f"Conv2dNF4 supports zero padding only, not padding_mode={conv.padding_mode!r}; "
                              "exclude this layer from quantisation.")
         w = conv.weight
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
@@ -407,7 +408,7 @@ def quantize_model(model: nn.Module, include=DEFAULT_INCLUDE, exclude=(), block_
                   and not _matches(name, exclude_t)]
     if not names:
         linears = [n for n, m in model.named_modules() if type(m) is nn.Linear]
-        raise ValueError(f"No nn.Linear layer of {type(model).__name__} matches include={tuple(include)} "
+        raise InputError(f"No nn.Linear layer of {type(model).__name__} matches include={tuple(include)} "
                          f"and not exclude={tuple(exclude)}. Its Linear layers are e.g. {linears[:5]}.")
     before = _nbytes(model)
     weight_before = weight_after = 0
@@ -436,7 +437,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> Path:
     description of each LinearNF4 / Conv2dNF4 layer in the file's metadata."""
     layers = {name: m.describe() for name, m in model.named_modules() if isinstance(m, NF4_LAYERS)}
     if not layers:
-        raise ValueError("The model has no LinearNF4 layer: call quantize_model(model) first, or save it with save_pretrained.")
+        raise InputError("The model has no LinearNF4 layer: call quantize_model(model) first, or save it with save_pretrained.")
     path = Path(path)
     metadata = {METADATA_KEY: json.dumps({"version": 1, "layers": layers})}
     return save_weights(model.state_dict(), path.parent, path.name, metadata=metadata)[0]
@@ -447,7 +448,7 @@ def check_quantized_keys(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     float_layers = [k.removesuffix(".absmax") for k in state_dict if k.endswith(".absmax")
                     and isinstance(_get(model, k.removesuffix(".absmax")), (nn.Linear, nn.Conv2d))]
     if float_layers:
-        raise ValueError(f"{source} holds NF4-quantised weights for {len(float_layers)} layer(s) (e.g. {float_layers[0]!r}) that "
+        raise InputError(f"{source} holds NF4-quantised weights for {len(float_layers)} layer(s) (e.g. {float_layers[0]!r}) that "
                          "are float nn.Linear / nn.Conv2d in this model. Load it with minidiff.memory.load_quantized(model, path), which "
                          "swaps the layers first, or call quantize_model(model) before loading the state dict.")
 
@@ -466,7 +467,7 @@ def _conv_from_description(name: str, d: dict, module: nn.Module | None, path: P
                                            module.padding, module.dilation, module.groups)
             != (d["in_channels"], d["out_channels"], tuple(d["kernel_size"]), tuple(d["stride"]), pad,
                 tuple(d["dilation"]), d["groups"])):
-        raise ValueError(f"{str(path)!r} describes an NF4 convolution {name!r} ({d}), but the model has {module!r} there: "
+        raise InputError(f"{str(path)!r} describes an NF4 convolution {name!r} ({d}), but the model has {module!r} there: "
                          "is it the right model, or was it quantised with other settings?")
     dtypes = {k: getattr(torch, d[k]) if d[k] else None for k in ("dtype", "compute_dtype")}
     return Conv2dNF4(d["in_channels"], d["out_channels"], d["kernel_size"], d["stride"], pad, d["dilation"],
@@ -487,7 +488,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if METADATA_KEY not in metadata:
-        raise ValueError(f"{str(path)!r} was not written by save_quantized (its metadata has no {METADATA_KEY!r} entry). "
+        raise InputError(f"{str(path)!r} was not written by save_quantized (its metadata has no {METADATA_KEY!r} entry). "
                          "A float checkpoint loads with from_pretrained; quantise it afterwards with quantize_model.")
     for name, d in json.loads(metadata[METADATA_KEY])["layers"].items():
         module = _get(model, name)
@@ -498,7 +499,7 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             setattr(model.get_submodule(parent_name), child, _conv_from_description(name, d, module, path))
             continue
         if type(module) is not nn.Linear or (module.in_features, module.out_features) != (d["in_features"], d["out_features"]):
-            raise ValueError(f"{str(path)!r} describes an NF4 layer {name!r} ({d}), but the model has {module!r} there: "
+            raise InputError(f"{str(path)!r} describes an NF4 layer {name!r} ({d}), but the model has {module!r} there: "
                              "is it the right model, or was it quantised with other settings?")
         dtypes = {k: getattr(torch, d[k]) if d[k] else None for k in ("dtype", "compute_dtype")}
         layer = LinearNF4(d["in_features"], d["out_features"], d["bias"], d["block_size"], d["double_quant"],

@@ -73,6 +73,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from minidiff.errors import InputError
 from minidiff.models.clip import CLIPTextEmbeddings, CLIPVisionEmbeddings
 
 # Pipeline components in the order a text-to-image call uses them (model offload moves them in
@@ -373,11 +374,11 @@ def _owns_tensors(module: nn.Module) -> bool:
 def _check_device(device) -> torch.device:
     device = torch.device(device)
     if device.type == "meta":
-        raise ValueError("Cannot offload to the 'meta' device: it holds no data, so nothing could compute there. "
+        raise InputError("Cannot offload to the 'meta' device: it holds no data, so nothing could compute there. "
                          "Pass the accelerator to compute on, e.g. device='cuda'.")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={str(device)!r} but CUDA is not available on this machine. Pass device='cpu' "
+            raise InputError(f"device={str(device)!r} but CUDA is not available on this machine. Pass device='cpu' "
                              "to rehearse the offload schedule without a GPU.")
         if device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())  # so tensor.device == device compares true
@@ -395,7 +396,7 @@ def _components(target) -> tuple[list[tuple[str, nn.Module]], object | None]:
         return [("", target)], None
     parts = getattr(target, "components", None)
     if parts is None:
-        raise ValueError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
+        raise InputError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
     modules = {k: v for k, v in parts.items() if isinstance(v, nn.Module)}
     order = [k for k in PIPELINE_ORDER if k in modules] + [k for k in modules if k not in PIPELINE_ORDER]
     return [(k, modules[k]) for k in order], target
@@ -407,7 +408,7 @@ def _refuse_if_offloaded(components, pipe) -> None:
         handles += [getattr(m, _MARK, None) for m in comp.modules()]
     handle = next((h for h in handles if h is not None), None)
     if handle is not None:
-        raise ValueError(
+        raise InputError(
             f"This {'pipeline' if pipe is not None else 'module'} already has {handle.mode} offload hooks. "
             "Call remove_offload(...) first: a second set of hooks would take the first one's device "
             "copies for CPU home copies.")
@@ -466,7 +467,7 @@ class OffloadHandle:
         shared = self._tensor_ids & unit.tensor_ids
         if shared:
             unit.restore()
-            raise ValueError(f"{unit.name!r} shares a weight with another offload unit (tied weights); "
+            raise InputError(f"{unit.name!r} shares a weight with another offload unit (tied weights); "
                              "offloading it twice would break the tie. Offload the module that contains both.")
         self._tensor_ids |= unit.tensor_ids
         self.units.append(unit)
@@ -474,7 +475,7 @@ class OffloadHandle:
 
     def hook(self, module: nn.Module, pre=None, post=None) -> None:
         if id(module) in self._inside_compiled:
-            raise ValueError(
+            raise InputError(
                 f"Cannot hook {type(module).__name__}: it sits inside a module that was compiled (Module.compile, "
                 "e.g. by compile_blocks), and compiled code does not run hooks added to its submodules. Offload "
                 "first and compile after, use model or group offload (their hooks sit on whole blocks), or call "
@@ -720,16 +721,16 @@ def apply_group_offloading(target, device="cuda", num_blocks_per_group: int = 1,
     pinned CPU memory on a side CUDA stream; on device='cpu' the same prefetch schedule runs with
     synchronous copies (a rehearsal for tests: nothing can overlap)."""
     if not isinstance(num_blocks_per_group, int) or num_blocks_per_group < 1:
-        raise ValueError(f"num_blocks_per_group must be a positive integer, got {num_blocks_per_group!r}.")
+        raise InputError(f"num_blocks_per_group must be a positive integer, got {num_blocks_per_group!r}.")
     device = _check_device(device)
     if use_stream and device.type not in ("cuda", "cpu"):
-        raise ValueError(f"use_stream=True needs a CUDA device (a side stream and pinned memory); got {device}.")
+        raise InputError(f"use_stream=True needs a CUDA device (a side stream and pinned memory); got {device}.")
     components, pipe = _components(target)
     _refuse_if_offloaded(components, pipe)
     all_runs = [_block_runs(comp) for _, comp in components]
     for (_, comp), runs in zip(components, all_runs):
         if not runs:
-            raise ValueError(f"Found no blocks in {type(comp).__name__}: group offloading needs a ModuleList of "
+            raise InputError(f"Found no blocks in {type(comp).__name__}: group offloading needs a ModuleList of "
                              "blocks (like the UNet's down_blocks or CLIP's encoder.layers).")
     stream = torch.cuda.Stream(device) if use_stream and device.type == "cuda" else None
     handle = OffloadHandle("group", device)

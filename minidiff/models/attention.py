@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
+
 BACKENDS = ("auto", "math", "sdpa", "triton")
 _backend = "auto"
 
@@ -39,7 +41,7 @@ _backend = "auto"
 def set_attention_backend(name: str) -> None:
     global _backend
     if name not in BACKENDS:
-        raise ValueError(f"Unknown attention backend {name!r}; choose one of {BACKENDS}.")
+        raise InputError(f"Unknown attention backend {name!r}; choose one of {BACKENDS}.")
     _backend = name
 
 
@@ -210,7 +212,7 @@ class Attention(nn.Module):
         B, H, N, d = q.shape
         rows, step = B * H, self.slice_size
         if step < 1:
-            raise ValueError(f"Attention.slice_size must be a positive number of heads, got {step}.")
+            raise InputError(f"Attention.slice_size must be a positive number of heads, got {step}.")
         q, k, v = (t.reshape(rows, t.shape[2], d) for t in (q, k, v))  # (B*H, N or M, d)
         # A mask with a batch or head axis is cut along the same rows as q, k and v; one without
         # (e.g. (Nq, Nk)) is shared by every row and passed on unchanged.
@@ -248,12 +250,12 @@ def set_attention_slice(model: nn.Module, slice_size: int | str | None = "auto")
     named = isinstance(slice_size, str) and slice_size in ("auto", "max")
     is_int = isinstance(slice_size, int) and not isinstance(slice_size, bool)
     if not (slice_size is None or named or is_int):
-        raise ValueError(f"slice_size must be 'auto', 'max', a positive int or None, got {slice_size!r}.")
+        raise InputError(f"slice_size must be 'auto', 'max', a positive int or None, got {slice_size!r}.")
     if is_int and slice_size < 1:
-        raise ValueError(f"slice_size must be at least 1 (the number of heads computed at once), got {slice_size}.")
+        raise InputError(f"slice_size must be at least 1 (the number of heads computed at once), got {slice_size}.")
     for name, m in layers:  # every layer is checked before any is changed
         if is_int and slice_size > m.num_heads:
-            raise ValueError(f"slice_size {slice_size} is larger than the {m.num_heads} heads of attention "
+            raise InputError(f"slice_size {slice_size} is larger than the {m.num_heads} heads of attention "
                              f"layer {name!r}; use at most {m.num_heads}, or 'auto' or 'max'.")
     for _, m in layers:
         if slice_size == "auto":

@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.attention import attention
 
@@ -164,7 +165,7 @@ class CLIPAttention(nn.Module):
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}.")
+            raise InputError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}.")
         self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
         self.q_proj = nn.Linear(hidden_size, hidden_size)
         self.k_proj = nn.Linear(hidden_size, hidden_size)
@@ -186,7 +187,7 @@ class CLIPMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, hidden_act: str):
         super().__init__()
         if hidden_act not in ACTIVATIONS:
-            raise ValueError(f"hidden_act {hidden_act!r} is not supported; CLIP checkpoints use one of {sorted(ACTIVATIONS)}.")
+            raise InputError(f"hidden_act {hidden_act!r} is not supported; CLIP checkpoints use one of {sorted(ACTIVATIONS)}.")
         self.act = ACTIVATIONS[hidden_act]
         self.fc1 = nn.Linear(hidden_size, intermediate_size)
         self.fc2 = nn.Linear(intermediate_size, hidden_size)
@@ -251,9 +252,9 @@ class CLIPTextTransformer(nn.Module):
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False) -> CLIPTextOutput:
         max_len = self.config.max_position_embeddings
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids should be (batch, tokens), got shape {tuple(input_ids.shape)}.")
+            raise InputError(f"input_ids should be (batch, tokens), got shape {tuple(input_ids.shape)}.")
         if input_ids.shape[1] > max_len:
-            raise ValueError(
+            raise InputError(
                 f"input_ids has {input_ids.shape[1]} tokens, but this text encoder has only "
                 f"{max_len} positions (max_position_embeddings). Truncate the prompt to {max_len} "
                 f"tokens (the tokenizer does this with truncation=True, max_length={max_len})."
@@ -319,7 +320,7 @@ class CLIPVisionTransformer(nn.Module):
         """Returns (last_hidden_state, pooled, hidden_states)."""
         c = self.config
         if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (c.num_channels, c.image_size, c.image_size):
-            raise ValueError(
+            raise InputError(
                 f"pixel_values should be (batch, {c.num_channels}, {c.image_size}, {c.image_size}) for this "
                 f"image encoder, got {tuple(pixel_values.shape)}. Resize (and centre-crop) the images "
                 f"to {c.image_size}x{c.image_size} first, as CLIPImageProcessor does."

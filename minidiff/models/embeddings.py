@@ -18,6 +18,8 @@ import math
 import torch
 from torch import nn
 
+from minidiff.errors import InputError
+
 # The activations diffusers' configs name ("swish" is another name for SiLU).
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
 
@@ -38,7 +40,7 @@ def timestep_embedding(
     column at the end. Always computed in fp32: t reaches 999, where fp16 has no fractional digits.
     """
     if t.ndim != 1:
-        raise ValueError(f"timestep_embedding expects a 1-D tensor of timesteps (B,), got shape {tuple(t.shape)}.")
+        raise InputError(f"timestep_embedding expects a 1-D tensor of timesteps (B,), got shape {tuple(t.shape)}.")
     half = dim // 2
     i = torch.arange(half, dtype=torch.float32, device=t.device)
     freqs = torch.exp(-math.log(max_period) * i / (half - downscale_freq_shift))  # (half,)
@@ -72,7 +74,7 @@ class TimestepEmbedding(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int, act: str = "silu", out_dim: int | None = None):
         super().__init__()
         if act not in ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"Unknown activation {act!r} for the timestep embedding; choose one of {sorted(ACTIVATIONS)}."
             )
         self.linear_1 = nn.Linear(in_dim, hidden_dim)

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.models.attention import Attention
 
 
@@ -82,7 +83,7 @@ class SpatialTransformer(nn.Module):
     ):
         super().__init__()
         if channels % num_heads != 0:
-            raise ValueError(f"{channels} channels cannot be split into {num_heads} attention heads of equal size.")
+            raise InputError(f"{channels} channels cannot be split into {num_heads} attention heads of equal size.")
         head_dim = channels // num_heads
         self.use_linear_projection = use_linear_projection
         # eps 1e-6 here, unlike the resnets' norm_eps: diffusers and LDM hard-code it.

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.embeddings import TimestepEmbedding, Timesteps
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -96,7 +97,7 @@ def check_supported(options: dict) -> None:
         value = options[key]
         entries = value if isinstance(value, (list, tuple)) else [value]
         if not all(v in accepted for v in entries):
-            raise ValueError(
+            raise InputError(
                 f"UNet config option {key}={value!r} is not supported: minidiff implements the "
                 f"Stable Diffusion 1.x/2.x UNet, where {key} is always one of {list(accepted)}. "
                 "This config describes another model family (e.g. SDXL, a class-conditional or an "
@@ -145,24 +146,24 @@ class UNet2DConditionConfig:
         self.upcast_attention = bool(self.upcast_attention)
         n = len(self.block_out_channels)
         if not (len(self.down_block_types) == len(self.up_block_types) == n):
-            raise ValueError(
+            raise InputError(
                 f"block_out_channels ({n} levels), down_block_types ({len(self.down_block_types)}) and "
                 f"up_block_types ({len(self.up_block_types)}) must have the same length."
             )
         if not isinstance(self.layers_per_block, int):
-            raise ValueError(
+            raise InputError(
                 f"layers_per_block must be one integer for all levels (as in SD), got {self.layers_per_block!r}."
             )
         if not isinstance(self.cross_attention_dim, int):
-            raise ValueError(
+            raise InputError(
                 "cross_attention_dim must be one integer (768 for SD 1.x, 1024 for SD 2.x), "
                 f"got {self.cross_attention_dim!r}."
             )
         if self.norm_num_groups is None:
-            raise ValueError("norm_num_groups=None (no output GroupNorm) is not an SD configuration; SD uses 32.")
+            raise InputError("norm_num_groups=None (no output GroupNorm) is not an SD configuration; SD uses 32.")
         for channels, heads in zip(self.block_out_channels, self.num_heads_per_block()):
             if channels % heads != 0:
-                raise ValueError(
+                raise InputError(
                     f"A level with {channels} channels cannot be split into {heads} attention heads of equal size."
                 )
 
@@ -180,7 +181,7 @@ class UNet2DConditionConfig:
         if isinstance(heads, int):
             return [heads] * n
         if len(heads) != n:
-            raise ValueError(f"The head count must be one integer or one per level ({n}), got {list(heads)}.")
+            raise InputError(f"The head count must be one integer or one per level ({n}), got {list(heads)}.")
         return list(heads)
 
 
@@ -421,30 +422,30 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
     def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor) -> int:
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
-            raise ValueError(
+            raise InputError(
                 f"The UNet expects latents of shape (batch, {c.in_channels}, height, width), got {tuple(sample.shape)}."
             )
         factor = 2 ** (len(c.block_out_channels) - 1)  # one halving per downsampler
         H, W = sample.shape[-2:]
         if H % factor or W % factor:
-            raise ValueError(
+            raise InputError(
                 f"Latent height and width must be divisible by {factor} (the UNet halves them "
                 f"{len(c.block_out_channels) - 1} times and must double back to the same size), got {H}x{W}. "
                 f"For SD the image size must therefore be a multiple of {8 * factor} pixels."
             )
         if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim:
-            raise ValueError(
+            raise InputError(
                 f"encoder_hidden_states must have shape (batch, tokens, {c.cross_attention_dim}) for this UNet "
                 f"(cross_attention_dim), got {tuple(context.shape)}. Is the text encoder the one this UNet "
                 "was trained with (SD 1.x: CLIP ViT-L, 768; SD 2.x: OpenCLIP ViT-H, 1024)?"
             )
         if context.shape[0] != sample.shape[0]:
-            raise ValueError(
+            raise InputError(
                 f"Batch sizes differ: sample has {sample.shape[0]}, encoder_hidden_states {context.shape[0]}. "
                 "With classifier-free guidance, concatenate the latents too: torch.cat([latents] * 2)."
             )
         if sample.dtype != self.dtype or context.dtype != self.dtype:
-            raise ValueError(
+            raise InputError(
                 f"The UNet weights are {self.dtype}, but sample is {sample.dtype} and encoder_hidden_states is "
                 f"{context.dtype}; cast the inputs with .to({self.dtype})."
             )
@@ -457,7 +458,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin):
         if t.ndim == 0:
             t = t[None]
         if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise ValueError(
+            raise InputError(
                 f"timestep must be a number, a 0-d tensor or a tensor of shape ({batch},), got shape {tuple(t.shape)}."
             )
         return t.expand(batch)  # (B,)

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.attention import Attention
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
@@ -85,17 +86,17 @@ class AutoencoderKLConfig:
                                       ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
             bad = [t for t in types if t != supported]
             if bad:
-                raise ValueError(f"{key}={list(types)}: minidiff's AutoencoderKL supports only "
+                raise InputError(f"{key}={list(types)}: minidiff's AutoencoderKL supports only "
                                  f"{supported!r} (the Stable Diffusion VAE), got {bad}.")
             if len(types) != n:
-                raise ValueError(f"{key} has {len(types)} entries but block_out_channels has {n}; "
+                raise InputError(f"{key} has {len(types)} entries but block_out_channels has {n}; "
                                  "give one block type per resolution level.")
         if self.act_fn != "silu":
-            raise ValueError(f"act_fn={self.act_fn!r}: minidiff's AutoencoderKL supports only 'silu' "
+            raise InputError(f"act_fn={self.act_fn!r}: minidiff's AutoencoderKL supports only 'silu' "
                              "(the activation of every Stable Diffusion VAE).")
         bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
         if bad:
-            raise ValueError(f"norm_num_groups={self.norm_num_groups} must divide every entry of "
+            raise InputError(f"norm_num_groups={self.norm_num_groups} must divide every entry of "
                              f"block_out_channels={list(self.block_out_channels)}; {bad} are not multiples.")
 
 
@@ -315,11 +316,11 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
 
     def _check_image(self, x: torch.Tensor) -> None:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"encode expects images shaped (B, {self.config.in_channels}, H, W); "
+            raise InputError(f"encode expects images shaped (B, {self.config.in_channels}, H, W); "
                              f"got shape {tuple(x.shape)}.")
         f = self.downsample_factor
         if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(
+            raise InputError(
                 f"Image height and width must be multiples of {f} = 2**(len(block_out_channels) - 1), "
                 f"because the encoder halves them {len(self.config.block_out_channels) - 1} times and "
                 f"the decoder must give the same size back; got {x.shape[2]}x{x.shape[3]}. "
@@ -327,7 +328,7 @@ class AutoencoderKL(nn.Module, PretrainedMixin):
 
     def _check_latent(self, z: torch.Tensor) -> None:
         if z.ndim != 4 or z.shape[1] != self.config.latent_channels:
-            raise ValueError(f"decode expects latents shaped (B, {self.config.latent_channels}, h, w); "
+            raise InputError(f"decode expects latents shaped (B, {self.config.latent_channels}, h, w); "
                              f"got shape {tuple(z.shape)}.")
 
     # -- encode / decode ---------------------------------------------------------------------

@@ -61,6 +61,8 @@ References:
 
 from __future__ import annotations
 
+import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -69,8 +71,9 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
+from minidiff.errors import InputError, NonFiniteError
 from minidiff.pipelines.images import postprocess, preprocess_image
-from minidiff.pipelines.text_to_image import PipelineOutput, StableDiffusionPipeline, randn
+from minidiff.pipelines.text_to_image import PipelineOutput, StableDiffusionPipeline, check_guidance, randn
 
 BLENDS = ("diffusers", "aligned")
 MASK_CLAMPS = ("batch", "per_image")
@@ -90,6 +93,34 @@ class InversionOutput:
 
     def __getitem__(self, i):  # `latents, images = pipe.invert(...)` as diffusers' tuple
         return (self.latents, self.images)[i]
+
+    def save(self, path) -> None:
+        """One safetensors file: the latents, x_0 and the timesteps, the settings in its metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"latents": self.latents, "timesteps": self.timesteps}
+        if self.clean_latents is not None:
+            tensors["clean_latents"] = self.clean_latents
+        meta = {"num_inference_steps": str(self.num_inference_steps), "inpaint_strength": str(self.inpaint_strength)}
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), metadata=meta)
+
+    @classmethod
+    def load(cls, path) -> "InversionOutput":
+        """Read a file written by `save` (or `minidiff invert`): __call__ then checks that its
+        schedule is the one it runs, which raw latents cannot tell."""
+        from safetensors import safe_open
+
+        from minidiff.loading import read_state_dict
+
+        tensors = read_state_dict([path])
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "latents" not in tensors or "timesteps" not in tensors or "num_inference_steps" not in meta:
+            raise InputError(f"{str(path)!r} is not a file of inverted latents (written by `minidiff invert` or "
+                             "InversionOutput.save): it lacks 'latents', 'timesteps' or the schedule metadata.")
+        return cls(latents=tensors["latents"], num_inference_steps=int(meta["num_inference_steps"]),
+                   inpaint_strength=float(meta["inpaint_strength"]), timesteps=tensors["timesteps"],
+                   clean_latents=tensors.get("clean_latents"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +161,7 @@ def preprocess_mask(mask, batch_size: int, latent_size: tuple[int, int]) -> torc
     """A mask (PIL, numpy or tensor; (h, w), (B, h, w) or (B, 1, h, w); values in [0, 1]) ->
     (batch_size, 1, h, w) float of 0/1 (binarised at 0.5). 1 = repaint, 0 = keep."""
     if mask is None:
-        raise ValueError("`mask_image` is required: compute one with `pipe.generate_mask(...)`.")
+        raise InputError("`mask_image` is required: compute one with `pipe.generate_mask(...)`.")
     items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
     if all(isinstance(m, PIL.Image.Image) for m in items):
         m = torch.from_numpy(np.stack([np.asarray(i.convert("L"), dtype=np.float32) / 255.0 for i in items]))
@@ -139,25 +170,27 @@ def preprocess_mask(mask, batch_size: int, latent_size: tuple[int, int]) -> torc
         m = torch.stack(parts) if parts[0].ndim == 2 else torch.cat(parts)  # list of (h, w) or of batches
         m = m.float()
     else:
-        raise ValueError(f"`mask_image` must be PIL images, numpy arrays or tensors; got {type(items[0]).__name__}.")
+        raise InputError(f"`mask_image` must be PIL images, numpy arrays or tensors; got {type(items[0]).__name__}.")
     if m.ndim == 2:
         m = m[None]  # (h, w) -> (1, h, w)
     if m.ndim == 4 and m.shape[1] == 1:
         m = m[:, 0]  # (B, 1, h, w) -> (B, h, w)
     if m.ndim != 3:
-        raise ValueError(f"A mask must be (h, w), (B, h, w) or (B, 1, h, w) (one channel); got shape {tuple(m.shape)}.")
+        raise InputError(f"A mask must be (h, w), (B, h, w) or (B, 1, h, w) (one channel); got shape {tuple(m.shape)}.")
     if tuple(m.shape[-2:]) != tuple(latent_size):
         h, w = latent_size
-        raise ValueError(
+        raise InputError(
             f"The mask is {m.shape[-2]}x{m.shape[-1]} but the latents are {h}x{w}: DiffEdit masks live at latent "
             f"size (the image size divided by vae_scale_factor), as generate_mask returns them."
         )
+    if not torch.isfinite(m).all():
+        raise NonFiniteError("The mask holds NaN or inf values; a mask must be 0 (keep) or 1 (edit) everywhere.")
     if m.min() < 0 or m.max() > 1:
-        raise ValueError(f"Mask values must be in [0, 1] (1 = edit, 0 = keep); got [{m.min():.3g}, {m.max():.3g}].")
+        raise InputError(f"Mask values must be in [0, 1] (1 = edit, 0 = keep); got [{m.min():.3g}, {m.max():.3g}].")
     if m.shape[0] == 1:
         m = m.expand(batch_size, -1, -1)
     elif m.shape[0] != batch_size:
-        raise ValueError(f"Got {m.shape[0]} masks for {batch_size} images; pass one mask per image, or one for all.")
+        raise InputError(f"Got {m.shape[0]} masks for {batch_size} images; pass one mask per image, or one for all.")
     return (m >= 0.5).float()[:, None]  # (B, 1, h, w), a new tensor: the caller's mask is untouched
 
 
@@ -170,17 +203,17 @@ def _mask_output(mask: torch.Tensor, output_type: str):
         return mask.float()
     if output_type == "pil":
         return [PIL.Image.fromarray(m) for m in mask.cpu().numpy().astype(np.uint8) * 255]  # 2-D uint8 -> mode "L"
-    raise ValueError(f"output_type for a mask must be 'np', 'pil' or 'pt'; got {output_type!r}.")
+    raise InputError(f"output_type for a mask must be 'np', 'pil' or 'pt'; got {output_type!r}.")
 
 
 def _check_strength(value, name: str) -> None:
     if value is None or not 0.0 <= value <= 1.0:
-        raise ValueError(f"`{name}` must be between 0 and 1 (the fraction of the noise schedule to use); got {value}.")
+        raise InputError(f"`{name}` must be between 0 and 1 (the fraction of the noise schedule to use); got {value}.")
 
 
 def _check_choice(value, name: str, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"`{name}` must be one of {list(allowed)}; got {value!r}.")
+        raise InputError(f"`{name}` must be one of {list(allowed)}; got {value!r}.")
 
 
 class DiffEditPipeline(StableDiffusionPipeline):
@@ -213,11 +246,11 @@ class DiffEditPipeline(StableDiffusionPipeline):
     def _num_steps(self, num_inference_steps: int, strength: float, name: str) -> int:
         """How many of the n grid steps a strength r uses: int(n * r), as in img2img."""
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be a positive whole number; got {num_inference_steps!r}.")
+            raise InputError(f"`num_inference_steps` must be a positive whole number; got {num_inference_steps!r}.")
         _check_strength(strength, name)
         k = min(int(num_inference_steps * strength), num_inference_steps)
         if k == 0:
-            raise ValueError(
+            raise InputError(
                 f"num_inference_steps={num_inference_steps} with {name}={strength} gives "
                 f"int({num_inference_steps} * {strength}) = 0 steps, so no noise would be added; "
                 f"raise `{name}` or `num_inference_steps`."
@@ -226,8 +259,10 @@ class DiffEditPipeline(StableDiffusionPipeline):
 
     def _images(self, image) -> torch.Tensor:
         if image is None:
-            raise ValueError("`image` is required (a PIL image, a numpy array or a tensor, or a list of them).")
-        return preprocess_image(image, multiple=8)  # (B, 3, H, W) in [-1, 1]; ValueError unless H, W % 8 == 0
+            raise InputError("`image` is required (a PIL image, a numpy array or a tensor, or a list of them).")
+        pixels = preprocess_image(image, multiple=1)  # (B, 3, H, W) in [-1, 1]
+        self.check_image_size(*pixels.shape[-2:])  # the one size rule (text_to_image.py)
+        return pixels
 
     def _encode_image(self, image: torch.Tensor, generator, repeats: int = 1) -> torch.Tensor:
         """Pixels (B, 3, H, W) in [-1, 1] -> x_0 = scaling_factor * z, z ~ q(z | image), one
@@ -244,14 +279,14 @@ class DiffEditPipeline(StableDiffusionPipeline):
               do_cfg: bool, what: str = "prompt", clip_skip: int | None = None):
         """Embeddings (batch * repeats, 77, D) for `batch` images; one prompt is used for all images."""
         if prompt is not None and prompt_embeds is not None:
-            raise ValueError(f"Pass `{what}` or `{what}_embeds`, not both.")
+            raise InputError(f"Pass `{what}` or `{what}_embeds`, not both.")
         if prompt is None and prompt_embeds is None:
-            raise ValueError(f"Pass `{what}` (text) or `{what}_embeds` (its CLIP embeddings).")
+            raise InputError(f"Pass `{what}` (text) or `{what}_embeds` (its CLIP embeddings).")
         if prompt is not None and not isinstance(prompt, (str, list)):
-            raise ValueError(f"`{what}` must be a string or a list of strings; got {type(prompt).__name__}.")
+            raise InputError(f"`{what}` must be a string or a list of strings; got {type(prompt).__name__}.")
         count = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
         if count not in (1, batch):
-            raise ValueError(
+            raise InputError(
                 f"Got {count} {what}s for {batch} image(s): pass one {what} per image, or a single one for all "
                 f"(to make several edits of one image, repeat the image)."
             )
@@ -331,9 +366,10 @@ class DiffEditPipeline(StableDiffusionPipeline):
             as diffusers); the posterior samples are drawn first, then the noise maps.
         """
         if isinstance(num_maps_per_mask, bool) or not isinstance(num_maps_per_mask, int) or num_maps_per_mask < 1:
-            raise ValueError(f"`num_maps_per_mask` must be a positive whole number; got {num_maps_per_mask!r}.")
-        if mask_thresholding_ratio is None or mask_thresholding_ratio <= 0:
-            raise ValueError(f"`mask_thresholding_ratio` must be positive; got {mask_thresholding_ratio}.")
+            raise InputError(f"`num_maps_per_mask` must be a positive whole number; got {num_maps_per_mask!r}.")
+        if mask_thresholding_ratio is None or not math.isfinite(mask_thresholding_ratio) or mask_thresholding_ratio <= 0:
+            raise InputError(f"`mask_thresholding_ratio` must be a positive finite number; got {mask_thresholding_ratio}.")
+        check_guidance(guidance_scale)
         _check_choice(mask_clamp, "mask_clamp", MASK_CLAMPS)
         _check_choice(output_type, "output_type", ("np", "pil", "pt"))
         k = self._num_steps(num_inference_steps, mask_encode_strength, "mask_encode_strength")
@@ -376,6 +412,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
         # Average |difference| over the M maps and the 4 channels, clamp at ratio x mean, rescale
         # to [0, 1] and binarise at 0.5 (DiffEdit sec. 3.2, step 1).
         diff = (eps_tgt - eps_src).abs().float()  # (B*M, 4, h, w)
+        self.check_finite(diff, "the DiffEdit mask", 0, 1, t)
         guidance_map = diff.reshape(B, M, *diff.shape[1:]).mean(dim=(1, 2))  # (B, M, 4, h, w) -> (B, h, w)
         if mask_clamp == "batch":
             bound = guidance_map.mean() * mask_thresholding_ratio
@@ -423,10 +460,11 @@ class DiffEditPipeline(StableDiffusionPipeline):
         callback(i, t, x_t, eps) runs every `callback_steps` steps.
         """
         if callback_steps is None or not isinstance(callback_steps, int) or callback_steps < 1:
-            raise ValueError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
+            raise InputError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
         k = self._num_steps(num_inference_steps, inpaint_strength, "inpaint_strength")
         pixels = self._images(image)
         B = pixels.shape[0]
+        check_guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
 
         x0 = self._encode_image(pixels, generator).to(self.dtype)  # (B, 4, h, w)
@@ -451,6 +489,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
                                        num_auto_corr_rolls)
             # DDIM eq. 12 with eta = 0, solved for the noisier sample: x_{t_prev} -> x_t
             x_t = self.inverse_scheduler.step(eps, t, x_t).prev_sample
+            self.check_finite(x_t, "DiffEdit invert", i, len(timesteps), t)
             trajectory.append(x_t)
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, x_t, eps)
@@ -474,11 +513,11 @@ class DiffEditPipeline(StableDiffusionPipeline):
         (latents (B, S, 4, h, w), clean x_0 or None), checked against this call's timesteps."""
         clean = None
         if image_latents is None:
-            raise ValueError("`image_latents` is required: compute them with `pipe.invert(...)`.")
+            raise InputError("`image_latents` is required: compute them with `pipe.invert(...)`.")
         if isinstance(image_latents, InversionOutput):
             inv = image_latents
             if inv.timesteps is not None and not torch.equal(inv.timesteps.cpu(), timesteps.cpu()):
-                raise ValueError(
+                raise InputError(
                     f"These latents were inverted with num_inference_steps={inv.num_inference_steps}, "
                     f"inpaint_strength={inv.inpaint_strength} ({len(inv.timesteps)} steps at timesteps "
                     f"{inv.timesteps.tolist()}), but this call uses num_inference_steps={num_inference_steps}, "
@@ -491,20 +530,20 @@ class DiffEditPipeline(StableDiffusionPipeline):
         elif isinstance(image_latents, torch.Tensor):
             latents = image_latents
         else:
-            raise ValueError(f"`image_latents` must be invert()'s output or a tensor; "
+            raise InputError(f"`image_latents` must be invert()'s output or a tensor; "
                              f"got {type(image_latents).__name__}.")
         if latents.ndim != 5:
-            raise ValueError(f"`image_latents` must be shaped (B, steps, {self.unet.config.in_channels}, h, w) as "
+            raise InputError(f"`image_latents` must be shaped (B, steps, {self.unet.config.in_channels}, h, w) as "
                              f"invert() returns them; got shape {tuple(latents.shape)}.")
         if latents.shape[1] != len(timesteps):
-            raise ValueError(
+            raise InputError(
                 f"`image_latents` holds {latents.shape[1]} inverted latents per image, but num_inference_steps="
                 f"{num_inference_steps} with inpaint_strength={inpaint_strength} takes {len(timesteps)} steps. Pass "
                 f"the same num_inference_steps and inpaint_strength as to invert() (or pass invert()'s output "
                 f"object, which remembers them)."
             )
         if blend == "aligned" and clean is None:
-            raise ValueError("blend='aligned' needs the clean latent x_0, which only invert()'s output object "
+            raise InputError("blend='aligned' needs the clean latent x_0, which only invert()'s output object "
                              "carries: pass `image_latents=pipe.invert(...)`, not its `.latents`.")
         return latents.detach(), clean
 
@@ -549,10 +588,11 @@ class DiffEditPipeline(StableDiffusionPipeline):
         _check_choice(blend, "blend", BLENDS)
         _check_choice(output_type, "output_type", ("pil", "np", "pt", "latent"))
         if callback_steps is None or not isinstance(callback_steps, int) or callback_steps < 1:
-            raise ValueError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
+            raise InputError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be a positive whole number; got {num_images_per_prompt!r}.")
+            raise InputError(f"`num_images_per_prompt` must be a positive whole number; got {num_images_per_prompt!r}.")
         k = self._num_steps(num_inference_steps, inpaint_strength, "inpaint_strength")
+        check_guidance(guidance_scale)
         do_cfg = guidance_scale > 1.0
 
         # The k least noisy timesteps of the n-step grid, descending: the reverse of invert's.
@@ -561,6 +601,9 @@ class DiffEditPipeline(StableDiffusionPipeline):
         inverted, x0 = self._inverted_latents(image_latents, timesteps, num_inference_steps, inpaint_strength, blend)
         B, _, _, h, w = inverted.shape
         mask = preprocess_mask(mask_image, B, (h, w))  # (B, 1, h, w)
+        if not mask.any():
+            warnings.warn("The mask is empty: nothing to edit, the result is the inverted image decoded. Lower "
+                          "mask_thresholding_ratio or raise mask_encode_strength in generate_mask.", stacklevel=2)
 
         c, c_neg = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, B,
                               num_images_per_prompt, do_cfg, clip_skip=clip_skip)
@@ -581,6 +624,7 @@ class DiffEditPipeline(StableDiffusionPipeline):
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             y_t = self.scheduler.step(eps, t, y_t, **step_kwargs).prev_sample  # DDIM eq. 12: t_i -> t_{i+1}
+            self.check_finite(y_t, "DiffEdit edit", i, len(timesteps), t)
             # Mask guidance (DiffEdit step 3): keep the edit inside, the encoded image outside.
             if blend == "diffusers":
                 background = inverted[:, i]  # x at t_i: the level y_t just LEFT (diffusers)

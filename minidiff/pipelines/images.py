@@ -14,6 +14,8 @@ import numpy as np
 import PIL.Image
 import torch
 
+from minidiff.errors import InputError
+
 
 def _to_list(image):
     return list(image) if isinstance(image, (list, tuple)) else [image]
@@ -27,7 +29,7 @@ def preprocess_image(image, multiple: int = 8, height: int | None = None, width:
     than silently crop or resize, so the output has the size the user expects.
     """
     if image is None:
-        raise ValueError("An image is required, but `image` is None.")
+        raise InputError("An image is required, but `image` is None.")
     items = _to_list(image)
     if all(isinstance(i, PIL.Image.Image) for i in items):
         arrays = []
@@ -41,20 +43,20 @@ def preprocess_image(image, multiple: int = 8, height: int | None = None, width:
     elif all(isinstance(i, np.ndarray) for i in items):
         arr = np.concatenate([i[None] if i.ndim == 3 else i for i in items]).astype(np.float32)
         if arr.ndim != 4 or arr.shape[-1] not in (1, 3):
-            raise ValueError(f"A numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1]; got shape {arr.shape}.")
+            raise InputError(f"A numpy image must be (H, W, 3) or (B, H, W, 3) in [0, 1]; got shape {arr.shape}.")
         x = 2.0 * torch.from_numpy(arr).permute(0, 3, 1, 2) - 1.0
     elif all(isinstance(i, torch.Tensor) for i in items):
         x = torch.cat([i[None] if i.ndim == 3 else i for i in items]).float()
         if x.ndim != 4 or x.shape[1] not in (1, 3):
-            raise ValueError(f"A tensor image must be (3, H, W) or (B, 3, H, W); got shape {tuple(x.shape)}.")
+            raise InputError(f"A tensor image must be (3, H, W) or (B, 3, H, W); got shape {tuple(x.shape)}.")
         if x.min() >= 0:  # [0, 1] -> [-1, 1]; a tensor with negative values is taken as [-1, 1]
             x = 2.0 * x - 1.0
     else:
         kinds = sorted({type(i).__name__ for i in items})
-        raise ValueError(f"`image` must be PIL images, numpy arrays or torch tensors (one kind); got {kinds}.")
+        raise InputError(f"`image` must be PIL images, numpy arrays or torch tensors (one kind); got {kinds}.")
     h, w = x.shape[-2:]
     if h % multiple or w % multiple:
-        raise ValueError(
+        raise InputError(
             f"Image sides must be divisible by {multiple} (the VAE downsamples by that factor); "
             f"got {h}x{w}. Resize or crop it, e.g. to {h // multiple * multiple}x{w // multiple * multiple}."
         )
@@ -78,7 +80,7 @@ def postprocess(image: torch.Tensor, output_type: str = "pil"):
         return array
     if output_type == "pil":
         return numpy_to_pil(array)
-    raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")
+    raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")
 
 
 def mask_overlay(image: PIL.Image.Image, mask, color=(255, 40, 40), alpha: float = 0.5) -> PIL.Image.Image:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minidiff.errors import InputError
 from minidiff.loading import read_json, resolve_folder, write_json
 
 # Components diffusers' SD pipelines take that minidiff does not have. A folder may list them; a
@@ -67,7 +68,7 @@ def component_class(class_name: str) -> tuple[type, str]:
         # SD 1.5 ships a PNDMScheduler config (others: Euler, DPM-Solver, ...). minidiff's loops are
         # DDIM's, and a scheduler config is betas + options, which DDIM reads as they are.
         return DDIMScheduler, "diffusers"
-    raise ValueError(f"model_index.json names a component class {class_name!r} that minidiff does not have; "
+    raise InputError(f"model_index.json names a component class {class_name!r} that minidiff does not have; "
                      f"it has {sorted(known)} (and reads any *Scheduler config as DDIM).")
 
 
@@ -124,7 +125,7 @@ class DiffusionPipeline:
         `safety_checker=None`) are used instead of loading them. `torch_dtype=None` loads each
         component in its library's default (see loading.resolve_dtype)."""
         if use_safetensors is False:
-            raise ValueError("minidiff reads only .safetensors weights; drop use_safetensors=False.")
+            raise InputError("minidiff reads only .safetensors weights; drop use_safetensors=False.")
         root = resolve_folder(pretrained_model_name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"],
                               local_files_only=local_files_only)
         index = read_json(root, "model_index.json")
@@ -132,7 +133,7 @@ class DiffusionPipeline:
             name = index.get("_class_name")
             classes = pipeline_classes()
             if name not in classes:
-                raise ValueError(f"model_index.json in {str(root)!r} names the pipeline {name!r}; minidiff has "
+                raise InputError(f"model_index.json in {str(root)!r} names the pipeline {name!r}; minidiff has "
                                  f"{sorted(classes)}.")
             cls = classes[name]
 
@@ -149,7 +150,7 @@ class DiffusionPipeline:
             spec = index.get(name)
             if not spec or spec[1] is None:
                 if inspect.signature(cls.__init__).parameters[name].default is inspect.Parameter.empty:
-                    raise ValueError(f"model_index.json in {str(root)!r} has no {name!r} component, which "
+                    raise InputError(f"model_index.json in {str(root)!r} has no {name!r} component, which "
                                      f"{cls.__name__} needs; it lists {sorted(k for k in index if not k.startswith('_'))}.")
                 continue
             quantize = quantization_config is not None and quantization_config.wants(name)
@@ -292,9 +293,9 @@ class DiffusionPipeline:
         from minidiff.memory.offload import apply_group_offloading, enable_sequential_cpu_offload
 
         if unsupported:
-            raise ValueError(f"enable_group_offload: {sorted(unsupported)} are not supported by minidiff's group offload.")
+            raise InputError(f"enable_group_offload: {sorted(unsupported)} are not supported by minidiff's group offload.")
         if torch.device(offload_device).type != "cpu":
-            raise ValueError(f"offload_device must be the CPU, got {offload_device!r}.")
+            raise InputError(f"offload_device must be the CPU, got {offload_device!r}.")
         if offload_type == "leaf_level":
             # One group per leaf module is what sequential offload does; with use_stream the
             # prefetching group schedule is needed instead, one module per group.
@@ -302,9 +303,9 @@ class DiffusionPipeline:
                 return enable_sequential_cpu_offload(self, onload_device)
             num_blocks_per_group = 1
         elif offload_type != "block_level":
-            raise ValueError(f"offload_type must be 'block_level' or 'leaf_level', got {offload_type!r}.")
+            raise InputError(f"offload_type must be 'block_level' or 'leaf_level', got {offload_type!r}.")
         elif num_blocks_per_group is None:
-            raise ValueError("offload_type='block_level' needs num_blocks_per_group (e.g. 1), as in diffusers.")
+            raise InputError("offload_type='block_level' needs num_blocks_per_group (e.g. 1), as in diffusers.")
         return apply_group_offloading(self, onload_device, num_blocks_per_group=num_blocks_per_group,
                                       use_stream=use_stream)
 
@@ -336,7 +337,7 @@ class DiffusionPipeline:
         from minidiff.models.attention import set_attention_backend
 
         if attention_op is not None:
-            raise ValueError("attention_op is an xFormers operator; minidiff has no xFormers, pass none.")
+            raise InputError("attention_op is an xFormers operator; minidiff has no xFormers, pass none.")
         set_attention_backend("auto")
         self.disable_attention_slicing()
 
@@ -357,6 +358,21 @@ class DiffusionPipeline:
 
     def disable_vae_tiling(self) -> None:
         self.vae.disable_tiling()
+
+    # ------------------------------------------------------------------------------------------
+    # A NaN stops the loop where it appears
+
+    @staticmethod
+    def check_finite(x: torch.Tensor, stage: str, step: int, total: int, t) -> None:
+        """Raise NonFiniteError when `x` (the latents after a step of `stage`) holds NaN or inf.
+        Without this a NaN flows through every later step and the VAE returns a black image."""
+        if not torch.isfinite(x).all():
+            from minidiff.errors import NonFiniteError
+
+            raise NonFiniteError(
+                f"The latents stopped being finite (NaN or inf) at step {step + 1} of {total} of {stage} "
+                f"(t={int(t)}): the UNet's output was not finite. Its weights may hold NaN or inf (`minidiff check "
+                f"MODEL` shows which component), or float16 overflowed (use float32 or bfloat16).")
 
     # ------------------------------------------------------------------------------------------
     # Progress bars

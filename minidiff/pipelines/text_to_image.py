@@ -18,12 +18,15 @@ Reference: diffusers' StableDiffusionPipeline (same argument names and defaults)
 from __future__ import annotations
 
 import inspect
+import math
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
+from minidiff.errors import InputError
 from minidiff.pipelines.images import postprocess
 from minidiff.pipelines.pipeline import DiffusionPipeline
 from minidiff.schedulers.base import randn
@@ -45,6 +48,26 @@ def _as_list(prompt: str | list[str] | None) -> list[str] | None:
     return [prompt] if isinstance(prompt, str) else prompt
 
 
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside minidiff and torch (whose no_grad wrappers sit
+    between a user's call and the pipeline), so a warning names the user's line."""
+    import sys
+
+    skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def check_guidance(guidance_scale) -> None:
+    """guidance_scale w of eq. 6: any finite w >= 0; w <= 1 means no guidance (diffusers' rule)."""
+    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise InputError(f"`guidance_scale` must be a finite number >= 0 (1 or less turns guidance off); "
+                         f"got {guidance_scale!r}.")
+
+
 class StableDiffusionPipeline(DiffusionPipeline):
     _diffusers_class_name = "StableDiffusionPipeline"
 
@@ -53,7 +76,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         # diffusers' signature. minidiff has no safety checker (nor its feature extractor), so those
         # must be None; image_encoder is carried along (diffusers uses it for IP-Adapters) unused.
         if safety_checker is not None or feature_extractor is not None or requires_safety_checker:
-            raise ValueError("minidiff has no safety checker: pass safety_checker=None, feature_extractor=None "
+            raise InputError("minidiff has no safety checker: pass safety_checker=None, feature_extractor=None "
                              "(and requires_safety_checker=False).")
         self.vae, self.text_encoder, self.tokenizer, self.unet, self.scheduler = vae, text_encoder, tokenizer, unet, scheduler
         self.safety_checker = self.feature_extractor = None
@@ -80,6 +103,26 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return config.sample_size * self.vae_scale_factor if config is not None else self.vae.config.sample_size
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE divides them by vae_scale_factor (8), and
+        the UNet halves the latent once per downsampler, then doubles it back onto its skips."""
+        config = getattr(self.unet, "config", None)
+        halvings = len(config.block_out_channels) - 1 if config is not None else 0
+        return self.vae_scale_factor * 2**halvings
+
+    def check_image_size(self, height, width, what: str = "The image") -> None:
+        """One rule, stated once: positive multiples of size_multiple."""
+        m = self.size_multiple
+        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % m == 0 for v in (height, width))
+        if not ok:
+            def near(v):
+                return max(m, round(v / m) * m) if isinstance(v, (int, float)) and v > 0 else m
+            raise InputError(
+                f"{what} is {height}x{width}, but this model needs positive multiples of {m} pixels on each side "
+                f"(the VAE divides by {self.vae_scale_factor}, the UNet halves {m // self.vae_scale_factor} more "
+                f"times); e.g. {near(height)}x{near(width)}.")
+
+    @property
     def dtype(self) -> torch.dtype:
         """The UNet's dtype (the text encoder's, for a wrapped UNet without parameters)."""
         weight = next(self.unet.parameters(), None)
@@ -92,11 +135,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """list of B prompts -> CLIP hidden states (B, 77, D)."""
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
-        longest = self.tokenizer(prompts, padding="longest", return_tensors="pt").input_ids
-        if longest.shape[-1] > ids.shape[-1]:
-            cut = self.tokenizer.batch_decode(longest[:, self.tokenizer.model_max_length - 1:-1])
-            warnings.warn(f"CLIP reads at most {self.tokenizer.model_max_length} tokens; this part of the prompt "
-                          f"was cut off: {cut}", stacklevel=3)
+        limit = self.tokenizer.model_max_length
+        for prompt, n in zip(prompts, (len(x) for x in self.tokenizer(prompts, padding=False).input_ids)):
+            if n > limit:
+                short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+                warnings.warn(f"The prompt {short!r} has {n} tokens; CLIP reads {limit}, so the last {n - limit} "
+                              "were dropped.", stacklevel=_caller_stacklevel())
         ids = ids.to(device)
         if clip_skip is None:
             return self.text_encoder(ids)[0]
@@ -113,7 +157,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         prompts = _as_list(prompt)
         if prompt_embeds is None:
             if prompts is None:
-                raise ValueError("Pass either `prompt` or `prompt_embeds`.")
+                raise InputError("Pass either `prompt` or `prompt_embeds`.")
             prompt_embeds = self._text_states(prompts, device, clip_skip)
         batch = prompt_embeds.shape[0]
         # The UNet's dtype, where diffusers takes the text encoder's: transformers 5 loads a text
@@ -127,12 +171,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
             if len(negatives) == 1 and batch > 1:
                 negatives = negatives * batch
             if len(negatives) != batch:
-                raise ValueError(f"Got {len(negatives)} negative prompts for {batch} prompts; pass one per prompt, or one for all.")
+                raise InputError(f"Got {len(negatives)} negative prompts for {batch} prompts; pass one per prompt, or one for all.")
             # As in diffusers, the negative branch always uses the last layer (clip_skip is not applied).
             negative_prompt_embeds = self._text_states(negatives, device)
         if do_classifier_free_guidance:
             if negative_prompt_embeds.shape != prompt_embeds[::num_images_per_prompt].shape:
-                raise ValueError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
+                raise InputError(f"negative_prompt_embeds {tuple(negative_prompt_embeds.shape)} must have the shape of "
                                  f"prompt_embeds {tuple(prompt_embeds[::num_images_per_prompt].shape)}.")
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
@@ -181,14 +225,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
         clip_skip: int | None = None,
     ):
         f = self.vae_scale_factor
-        height = height or self._default_size
-        width = width or self._default_size
-        if height % 8 or width % 8:
-            raise ValueError(f"height and width must be divisible by 8; got {height}x{width}.")
+        height = self._default_size if height is None else height
+        width = self._default_size if width is None else width
+        self.check_image_size(height, width, "height x width")
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
+            raise InputError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
         if prompt is not None and prompt_embeds is not None:
-            raise ValueError("Pass `prompt` or `prompt_embeds`, not both.")
+            raise InputError("Pass `prompt` or `prompt_embeds`, not both.")
+        check_guidance(guidance_scale)
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InputError(f"`num_images_per_prompt` must be a positive whole number; got {num_images_per_prompt!r}.")
         device = self.device
         do_cfg = guidance_scale > 1.0
 
@@ -205,7 +251,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn(shape, generator, device, c.dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
+            raise InputError(f"latents must have shape {shape}; got {tuple(latents.shape)}.")
         x_t = latents.to(device) * self.scheduler.init_noise_sigma
         step_kwargs = self._step_kwargs(eta, generator)
 
@@ -218,6 +264,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 eps_uncond, eps_text = eps.chunk(2)
                 eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
             x_t = self.scheduler.step(eps, t, x_t, **step_kwargs).prev_sample
+            self.check_finite(x_t, "text-to-image", i, len(self.scheduler.timesteps), t)
             if callback is not None and i % callback_steps == 0:
                 callback(i, t, x_t, eps)
 

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidiff.errors import InputError
 from minidiff.loading import read_json, resolve_folder, write_json
 from minidiff.schedulers.betas import make_betas
 
@@ -48,7 +49,7 @@ CONFIG_NAME = "scheduler_config.json"
 
 def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
+        raise InputError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
 
 
 class SchedulerConfig(dict):
@@ -96,7 +97,7 @@ def randn(
         generator = generator[0]
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per batch entry.")
+            raise InputError(f"Got {len(generator)} generators for a batch of {shape[0]}; pass one per batch entry.")
         parts = [torch.randn((1, *shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
         return torch.cat(parts).to(device)
     rand_device = generator.device if generator is not None else device
@@ -194,9 +195,9 @@ class Scheduler:
     def _check_num_inference_steps(self, num_inference_steps: int) -> None:
         T = self.config.num_train_timesteps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
-            raise ValueError(f"num_inference_steps must be a whole number, got {num_inference_steps!r}.")
+            raise InputError(f"num_inference_steps must be a whole number, got {num_inference_steps!r}.")
         if not 1 <= num_inference_steps <= T:
-            raise ValueError(
+            raise InputError(
                 f"num_inference_steps must be between 1 and num_train_timesteps ({T}): the model was "
                 f"trained on {T} noise levels and a sampler can visit each at most once. "
                 f"Got {num_inference_steps}."
@@ -222,7 +223,7 @@ class Scheduler:
             t = np.linspace(0, T - 1, n).round()[::-1]
         t = t.astype(np.int64)
         if t.max() >= T:
-            raise ValueError(
+            raise InputError(
                 f"With steps_offset={self.config.steps_offset} and {n} steps the timesteps reach "
                 f"{t.max()}, past the last training step {T - 1}. Use fewer steps or steps_offset=0."
             )
@@ -230,7 +231,7 @@ class Scheduler:
 
     def _check_ready(self) -> None:
         if self.num_inference_steps is None:
-            raise ValueError(
+            raise InputError(
                 f"{type(self).__name__}.step was called before set_timesteps: call "
                 "`scheduler.set_timesteps(num_inference_steps)` first, then loop over `scheduler.timesteps`."
             )
@@ -314,7 +315,7 @@ class Scheduler:
     def _variance_noise(model_output: torch.Tensor, generator, variance_noise: torch.Tensor | None) -> torch.Tensor:
         """z ~ N(0, I) for a stochastic step: the caller's `variance_noise`, or drawn from `generator`."""
         if generator is not None and variance_noise is not None:
-            raise ValueError("Pass either `generator` or `variance_noise` to step, not both.")
+            raise InputError("Pass either `generator` or `variance_noise` to step, not both.")
         if variance_noise is None:
             variance_noise = randn(model_output.shape, generator, model_output.device, model_output.dtype)
         return variance_noise

@@ -36,6 +36,8 @@ from typing import Sequence
 
 import torch
 
+from minidiff.errors import InputError
+
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 
 
@@ -51,7 +53,7 @@ def make_betas(
     if trained_betas is not None:
         betas = torch.as_tensor(trained_betas, dtype=torch.float32).flatten().clone()
         if len(betas) != num_train_timesteps:
-            raise ValueError(
+            raise InputError(
                 f"trained_betas has {len(betas)} entries but num_train_timesteps is "
                 f"{num_train_timesteps}; give one beta per training step."
             )
@@ -63,7 +65,7 @@ def make_betas(
     elif beta_schedule == "squaredcos_cap_v2":
         betas = cosine_betas(num_train_timesteps)
     else:
-        raise ValueError(
+        raise InputError(
             f"Unknown beta_schedule {beta_schedule!r}. minidiff supports {list(BETA_SCHEDULES)}, "
             "or an explicit list of trained_betas."
         )

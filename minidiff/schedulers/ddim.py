@@ -39,6 +39,7 @@ import warnings
 
 import torch
 
+from minidiff.errors import InputError
 from minidiff.schedulers.base import Scheduler, SchedulerOutput
 
 
@@ -90,7 +91,7 @@ class DDIMScheduler(Scheduler):
         `generator` or given as `variance_noise` (the same shape as `sample`)."""
         self._check_ready()
         if eta < 0:
-            raise ValueError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like); got {eta}.")
+            raise InputError(f"eta must be >= 0 (0: deterministic DDIM, 1: DDPM-like); got {eta}.")
         x_t = sample
         t = int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
@@ -109,7 +110,7 @@ class DDIMScheduler(Scheduler):
         sigma_t = eta * posterior_var**0.5
         dir_scale_sq = 1 - alpha_bar_prev - sigma_t**2
         if dir_scale_sq < -1e-12:
-            raise ValueError(
+            raise InputError(
                 f"eta={eta} is too large at t={t}: sigma_t^2 exceeds 1 - alpha_bar_prev (eq. 16); use eta <= 1."
             )
 

@@ -36,6 +36,7 @@ import math
 import numpy as np
 import torch
 
+from minidiff.errors import InputError
 from minidiff.schedulers.base import Scheduler, SchedulerOutput, check_choice
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -77,15 +78,15 @@ class DDPMScheduler(Scheduler):
         """Either n evenly spaced timesteps (see `_spaced_timesteps`) or your own descending list."""
         T = self.config.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
-            raise ValueError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
+            raise InputError("Pass exactly one of num_inference_steps or timesteps to set_timesteps.")
         if timesteps is not None:
             t = np.asarray(timesteps, dtype=np.int64)
             if t.ndim != 1 or len(t) == 0:
-                raise ValueError(f"timesteps must be a non-empty list of integers, got {timesteps!r}.")
+                raise InputError(f"timesteps must be a non-empty list of integers, got {timesteps!r}.")
             if np.any(t[1:] >= t[:-1]):
-                raise ValueError(f"Custom timesteps must be strictly descending, got {t.tolist()}.")
+                raise InputError(f"Custom timesteps must be strictly descending, got {t.tolist()}.")
             if t[0] >= T or t[-1] < 0:
-                raise ValueError(f"Custom timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), got {t.tolist()}.")
+                raise InputError(f"Custom timesteps must lie in [0, {T - 1}] (num_train_timesteps={T}), got {t.tolist()}.")
             self.custom_timesteps = True
         else:
             self._check_num_inference_steps(num_inference_steps)
@@ -98,7 +99,7 @@ class DDPMScheduler(Scheduler):
         """The next timestep of the grid (the one after `timestep` in `self.timesteps`), -1 after the last."""
         where = (self.timesteps.cpu() == int(timestep)).nonzero()
         if len(where) == 0:
-            raise ValueError(
+            raise InputError(
                 f"Timestep {int(timestep)} is not one of this scheduler's timesteps {self.timesteps.tolist()}; "
                 "step through `scheduler.timesteps` after set_timesteps."
             )
@@ -139,7 +140,7 @@ class DDPMScheduler(Scheduler):
         if self.variance_type in ("learned", "learned_range"):
             C = x_t.shape[1]
             if model_output.shape[1] != 2 * C:
-                raise ValueError(
+                raise InputError(
                     f"variance_type={self.variance_type!r} needs a model output with 2 x {C} channels "
                     f"(prediction, then variance); got {model_output.shape[1]} channels."
                 )

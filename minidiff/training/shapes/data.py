@@ -67,6 +67,8 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from minidiff.errors import InputError
+
 # ----------------------------------------------------------------------------------------------
 # Vocabulary
 
@@ -123,10 +125,10 @@ def object_phrase(colour: str, shape: str) -> str:
 def describe(objects: list[tuple[str, str]], background: str, template: int = 0) -> str:
     """Caption for [(colour, shape), ...] on `background`; template 0 is the canonical prompt."""
     if len(objects) not in (1, 2):
-        raise ValueError(f"A shapes scene holds one or two objects; got {len(objects)}.")
+        raise InputError(f"A shapes scene holds one or two objects; got {len(objects)}.")
     templates = SINGLE_TEMPLATES if len(objects) == 1 else PAIR_TEMPLATES
     if not 0 <= template < len(templates):
-        raise ValueError(f"template must be in 0..{len(templates) - 1}; got {template}.")
+        raise InputError(f"template must be in 0..{len(templates) - 1}; got {template}.")
     phrases = [object_phrase(c, s) for c, s in objects]
     return templates[template].format(a=phrases[0], b=phrases[-1], bg=background)
 
@@ -211,7 +213,7 @@ def shape_polygon(shape: str, centre: tuple[float, float], radius: float, rotati
         angles = math.pi / 2 + np.arange(10) * (math.pi / 5)
         radii = np.where(np.arange(10) % 2 == 0, radius, radius * STAR_INNER_RATIO)
     else:
-        raise ValueError(f"Unknown shape {shape!r}; the shapes world knows {list(SHAPES)}.")
+        raise InputError(f"Unknown shape {shape!r}; the shapes world knows {list(SHAPES)}.")
     angles = angles + math.radians(rotation)
     # Screen y grows downwards, so "up" is -y and counter-clockwise turns negate the sine.
     x = centre[0] + radii * np.cos(angles)
@@ -251,21 +253,21 @@ def render(objects: list[dict], background: str, caption: str | None = None, siz
     Objects must not overlap (make_scene guarantees it); `caption` defaults to the canonical one.
     """
     if background not in BACKGROUNDS:
-        raise ValueError(f"Unknown background {background!r}; choose from {list(BACKGROUNDS)}.")
+        raise InputError(f"Unknown background {background!r}; choose from {list(BACKGROUNDS)}.")
     bg = np.asarray(BACKGROUNDS[background], np.float32)
     image = np.empty((size, size, 3), np.float32)
     image[:] = bg
     placed = []
     for spec in objects:
         if spec["colour"] not in COLOURS:
-            raise ValueError(f"Unknown colour {spec['colour']!r}; choose from {list(COLOURS)}.")
+            raise InputError(f"Unknown colour {spec['colour']!r}; choose from {list(COLOURS)}.")
         poly = shape_polygon(spec["shape"], spec["centre"], spec["size"] / 2, spec["rotation"])
         c, (x0, y0, x1, y1) = _coverage(poly, size)
         cov = np.zeros((size, size), np.float32)
         cov[y0:y1, x0:x1] = c
         mask = cov >= 0.5
         if not mask.any():
-            raise ValueError(f"Object {spec} covers no pixel of a {size}x{size} image.")
+            raise InputError(f"Object {spec} covers no pixel of a {size}x{size} image.")
         # Disjoint objects: adding each one's share is the same as alpha-compositing them.
         image[y0:y1, x0:x1] += c[..., None] * (np.asarray(COLOURS[spec["colour"]], np.float32) - bg)
         placed.append(ShapeObject(spec["shape"], spec["colour"], tuple(map(float, spec["centre"])),
@@ -281,7 +283,7 @@ def _as_rng(rng_or_seed) -> np.random.Generator:
         return rng_or_seed
     if isinstance(rng_or_seed, (int, np.integer, tuple, list)):
         return np.random.default_rng(rng_or_seed)
-    raise ValueError(f"Expected a numpy Generator, an int seed or a tuple of ints; got {type(rng_or_seed).__name__}.")
+    raise InputError(f"Expected a numpy Generator, an int seed or a tuple of ints; got {type(rng_or_seed).__name__}.")
 
 
 def sample_objects(rng: np.random.Generator, num_objects: int, size: int = DEFAULT_SIZE) -> list[dict]:
@@ -316,9 +318,9 @@ def make_scene(rng_or_seed=0, num_objects: int | None = None, size: int = DEFAUL
     """One random scene. `num_objects` None draws 1 or 2 with equal odds; `template` None draws
     a caption template (0 = canonical)."""
     if num_objects not in (None, 1, 2):
-        raise ValueError(f"num_objects must be 1, 2 or None (random); got {num_objects}.")
+        raise InputError(f"num_objects must be 1, 2 or None (random); got {num_objects}.")
     if size < 32:
-        raise ValueError(f"Scenes need size >= 32 pixels for recognisable objects; got {size}.")
+        raise InputError(f"Scenes need size >= 32 pixels for recognisable objects; got {size}.")
     rng = _as_rng(rng_or_seed)
     n = int(rng.integers(1, 3)) if num_objects is None else num_objects
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
@@ -347,7 +349,7 @@ def held_out_scenes(split: str = "test", n: int = 1000, num_objects: int | None 
     """The first n scenes of a fixed evaluation set ("val" or "test"), never in any training
     stream (a separate seed space). Captions use the canonical template."""
     if split not in SPLITS:
-        raise ValueError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
+        raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
     return [make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), num_objects, size, template=0)
             for i in range(n)]
 
@@ -433,7 +435,7 @@ def scene_batches(seed: int = 0, batch_size: int = 32, num_objects: int | None =
                   size: int = DEFAULT_SIZE, start: int = 0) -> Iterator[SceneBatch]:
     """Consecutive batches of the training stream; batch k holds scenes start + k*B ... + B - 1."""
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1; got {batch_size}.")
+        raise InputError(f"batch_size must be >= 1; got {batch_size}.")
     stream = scene_stream(seed, num_objects, size, start)
     while True:
         scenes = [next(stream) for _ in range(batch_size)]

@@ -72,6 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin, save_weights, write_json
 from minidiff.training.shapes.data import COLOURS, SHAPES, Scene, held_out_scenes, scene_stream
 
@@ -162,10 +163,10 @@ class ShapesJudge(nn.Module, PretrainedMixin):
     def classify_boxes(self, images: torch.Tensor, boxes: torch.Tensor) -> list[Judgement]:
         """images (B, 3, H, W) in [-1, 1], boxes (B, 4) as (x0, y0, x1, y1) pixels -> B judgements."""
         if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"images must be (B, 3, H, W); got {tuple(images.shape)}.")
+            raise InputError(f"images must be (B, 3, H, W); got {tuple(images.shape)}.")
         boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
         if boxes.shape[0] != images.shape[0]:
-            raise ValueError(f"Got {images.shape[0]} images but {boxes.shape[0]} boxes; give one box per image.")
+            raise InputError(f"Got {images.shape[0]} images but {boxes.shape[0]} boxes; give one box per image.")
         p = next(self.parameters())
         crops = crop_boxes(images.float(), boxes, self.config.image_size, self.config.context)
         shape_logits, colour_logits = self.eval()(crops.to(p.device, p.dtype))
@@ -206,7 +207,7 @@ def image_to_tensor(image) -> torch.Tensor:
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         image = image.astype(np.float32) / 255.0
     if isinstance(image, (list, tuple)) or (hasattr(image, "ndim") and image.ndim == 4):
-        raise ValueError("classify takes one image; use classify_boxes for a batch.")
+        raise InputError("classify takes one image; use classify_boxes for a batch.")
     return preprocess_image(image, multiple=1)[0]
 
 
@@ -216,17 +217,17 @@ def box_from_region(region, image_hw) -> tuple[float, float, float, float]:
     if isinstance(region, (np.ndarray, torch.Tensor)) and region.ndim == 2:
         mask = torch.as_tensor(np.asarray(region) if isinstance(region, np.ndarray) else region) > 0.5
         if tuple(mask.shape) != (h, w):
-            raise ValueError(f"The mask is {tuple(mask.shape)} but the image is {(h, w)}; they must match.")
+            raise InputError(f"The mask is {tuple(mask.shape)} but the image is {(h, w)}; they must match.")
         rows, cols = torch.nonzero(mask.any(1)).flatten(), torch.nonzero(mask.any(0)).flatten()
         if len(rows) == 0:
-            raise ValueError("The mask is empty: there is no region to classify.")
+            raise InputError("The mask is empty: there is no region to classify.")
         return float(cols[0]), float(rows[0]), float(cols[-1] + 1), float(rows[-1] + 1)
     box = [float(v) for v in np.asarray(region, dtype=np.float64).reshape(-1)]
     if len(box) != 4:
-        raise ValueError(f"Expected a boolean (H, W) mask or a box (x0, y0, x1, y1); got {region!r}.")
+        raise InputError(f"Expected a boolean (H, W) mask or a box (x0, y0, x1, y1); got {region!r}.")
     x0, y0, x1, y1 = box
     if not (x1 > x0 and y1 > y0):
-        raise ValueError(f"The box {tuple(box)} is empty: it needs x1 > x0 and y1 > y0.")
+        raise InputError(f"The box {tuple(box)} is empty: it needs x1 > x0 and y1 > y0.")
     return x0, y0, x1, y1
 
 
