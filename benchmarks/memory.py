@@ -17,9 +17,17 @@ Sections (--only, repeatable; default all):
              accelerate's cpu_offload_with_hook / cpu_offload (what diffusers'
              enable_model_cpu_offload / enable_sequential_cpu_offload install) and diffusers'
              apply_group_offloading; OffloadTracer's bytes moved and peak weights on the device
+    combos   (--only combos) NF4 + torch.compile + model CPU offload, the combinations of the
+             quantization-compile-offload guide: minidiff vs diffusers' UNet with bitsandbytes
     vae      VAE decode of one latent to a large image, tiled (minidiff and diffusers
              enable_tiling) vs untiled (--vae-untiled sizes only: the untiled decoder's activations
              grow with the image; at 2048x2048 they need many GB)
+    slicing  the same forward with attention slicing off / "auto" / "max": minidiff
+             set_attention_slice on the "math" backend (the one whose score matrices slicing
+             shrinks) vs diffusers' set_attention_slice (default processor; SlicedAttnProcessor
+             when on); last row: slicing off with minidiff on "sdpa". Pass --latent 48 or more
+             on a CPU: at 32 (scores+probs 64 MB) the forward's peak lies elsewhere and all
+             rows show about the same peak
 
 Unit of work for the UNet rows: ONE UNet forward (timestep 500, 77 text tokens), batch 1, at
 `--latent` x `--latent` latents (64 = a 512x512 image). The CPU default is 32 (256x256) and the
@@ -113,7 +121,7 @@ def section_unet(args, device):
         dtype = getattr(torch, dtype_name)
         ours, ref = build_unets(dtype, device)
         x, t, ctx = unet_inputs(args, dtype, device)
-        run_o, run_r = (lambda: ours(x, t, ctx)), (lambda: ref(x, t, ctx).sample)
+        run_o, run_r = (lambda: ours(x, t, ctx).sample), (lambda: ref(x, t, ctx).sample)
         mb_o, mb_r = state_mb(ours), state_mb(ref)
         compare(dtype_name, run_o, run_r, device, args.repeats, mb_o, mb_r, rows)
         if dtype_name != args.dtype:  # channels-last and compile on the base dtype only
@@ -123,7 +131,7 @@ def section_unet(args, device):
         to_channels_last(ours)
         ref.to(memory_format=torch.channels_last)
         xc = x.to(memory_format=torch.channels_last)
-        compare(f"{dtype_name} + channels-last", lambda: ours(xc, t, ctx), lambda: ref(xc, t, ctx).sample,
+        compare(f"{dtype_name} + channels-last", lambda: ours(xc, t, ctx).sample, lambda: ref(xc, t, ctx).sample,
                 device, args.repeats, mb_o, mb_r, rows)
         ours.to(memory_format=torch.contiguous_format)
         ref.to(memory_format=torch.contiguous_format)
@@ -161,7 +169,7 @@ def section_compile(args, device):
     dtype = getattr(torch, args.dtype)
     ours, ref = build_unets(dtype, device)
     x, t, ctx = unet_inputs(args, dtype, device)
-    compiled_row(args, ours, ref, lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, args.dtype, device,
+    compiled_row(args, ours, ref, lambda: ours(x, t, ctx).sample, lambda: ref(x, t, ctx).sample, args.dtype, device,
                  state_mb(ours), state_mb(ref), rows)
     return rows
 
@@ -201,14 +209,14 @@ def section_nf4(args, device):
     fp_mb = state_mb(ours)
     _, summary = quantize_model(ours, compute_dtype=dtype)
     bnb_bytes = swap_bnb(ref, summary.layers, dtype)
-    compare("NF4 (Linear layers)", lambda: ours(x, t, ctx), lambda: ref(x, t, ctx).sample, device, args.repeats,
+    compare("NF4 (Linear layers)", lambda: ours(x, t, ctx).sample, lambda: ref(x, t, ctx).sample, device, args.repeats,
             state_mb(ours), state_mb(ref), rows,
             note=f"{len(summary.layers)} layers; fp weights {fp_mb:.0f} MB")
     print(f"\nminidiff: swapped-layer bytes {summary.weight_bytes_before / 2**20:.1f} -> {summary.weight_bytes_after / 2**20:.1f} MB "
           f"({summary.weight_ratio:.3f}x; bitsandbytes {bnb_bytes / 2**20:.1f} MB); whole UNet "
           f"{summary.model_bytes_before / 2**20:.0f} -> {summary.model_bytes_after / 2**20:.0f} MB ({summary.model_ratio:.3f}x)")
     with torch.inference_mode():
-        out_o, out_r = ours(x, t, ctx).float(), ref(x, t, ctx).sample.float()
+        out_o, out_r = ours(x, t, ctx).sample.float(), ref(x, t, ctx).sample.float()
     print(f"max |minidiff NF4 - bitsandbytes NF4| / max |bitsandbytes| = "
           f"{((out_o - out_r).abs().max() / out_r.abs().max()).item():.2e}")
     # minidiff only (bitsandbytes has no 4-bit convolution): every conv and every Linear in NF4.
@@ -216,8 +224,8 @@ def section_nf4(args, device):
     gc.collect()
     _, more = quantize_model(ours, include="*", convs=True, compute_dtype=dtype)
     with torch.inference_mode():
-        t_c = median_time(lambda: ours(x, t, ctx), device, warmup=1, repeats=args.repeats)
-        p_c = measure_peak(lambda: ours(x, t, ctx), device)
+        t_c = median_time(lambda: ours(x, t, ctx).sample, device, warmup=1, repeats=args.repeats)
+        p_c = measure_peak(lambda: ours(x, t, ctx).sample, device)
     row = (f"| NF4 (+ convs, every Linear; minidiff only) | {t_c:.2f} | - | - | {p_c:.0f} | - | - | {state_mb(ours):.0f} | - | "
            f"{len(summary.layers) + len(more.layers)} layers; whole UNet {state_mb(ours) / fp_mb:.3f}x |")
     print("\n" + row, flush=True)
@@ -247,7 +255,7 @@ def section_offload(args, device):
     ref.to("cpu")
     x, t, ctx = unet_inputs(args, dtype, target)
     with torch.inference_mode():
-        base = median_time(lambda: ours.to(target)(x, t, ctx), target, warmup=1, repeats=args.repeats)
+        base = median_time(lambda: ours.to(target)(x, t, ctx).sample, target, warmup=1, repeats=args.repeats)
     ours.to("cpu")
     ref_state = ref.state_dict()  # the same tensors: no hook below writes to them
     del ref
@@ -275,7 +283,7 @@ def section_offload(args, device):
             ours(x, t, ctx)
         t_o, t_r = compare_times(ours, r, x, t, ctx, target, args.repeats)
         with torch.inference_mode():
-            p_o = measure_peak(lambda: ours(x, t, ctx), target)
+            p_o = measure_peak(lambda: ours(x, t, ctx).sample, target)
             p_r = measure_peak(lambda: r(x, t, ctx).sample, target)
         row = (f"| {mode} | {t_o:.2f} | {t_r:.2f} | {t_o / t_r:.2f} | {t_o / base:.2f} | {p_o:.0f} | {p_r:.0f} | "
                f"{tracer.bytes_moved() / 2**20:.0f} | {tracer.peak_bytes() / 2**20:.0f} | {tracer.max_resident()} |")
@@ -292,7 +300,7 @@ def section_offload(args, device):
 
 def compare_times(ours, ref, x, t, ctx, device, repeats):
     with torch.inference_mode():
-        times = interleaved_median_times({"m": lambda: ours(x, t, ctx), "d": lambda: ref(x, t, ctx).sample},
+        times = interleaved_median_times({"m": lambda: ours(x, t, ctx).sample, "d": lambda: ref(x, t, ctx).sample},
                                          device, warmup=1, repeats=repeats)
     return times["m"], times["d"]
 
@@ -325,7 +333,7 @@ def section_vae(args, device):
                 continue
             (ours.enable_tiling if tiled else ours.disable_tiling)()
             (ref.enable_tiling if tiled else ref.disable_tiling)()
-            run_o, run_r = (lambda: ours.decode(z)), (lambda: ref.decode(z).sample)
+            run_o, run_r = (lambda: ours.decode(z).sample), (lambda: ref.decode(z).sample)
             with torch.inference_mode():
                 p_o, p_r = measure_peak(run_o, device), measure_peak(run_r, device)  # also the warm-up
                 if args.vae_repeats > 0:
@@ -339,8 +347,107 @@ def section_vae(args, device):
     return rows
 
 
-SECTIONS = {"unet": section_unet, "nf4": section_nf4, "offload": section_offload, "vae": section_vae}
-EXTRA_SECTIONS = {"compile": section_compile}  # only when asked for: --only compile
+def section_slicing(args, device):
+    """Attention slicing: minidiff's set_attention_slice (backend "math") beside diffusers'."""
+    from minidiff.models.attention import attention_backend, set_attention_slice
+
+    dtype = getattr(torch, args.dtype)
+    print(f"\n### Attention slicing, one UNet forward, batch 1, latents {args.latent}x{args.latent}, {args.dtype}; "
+          'minidiff on the "math" attention backend (except the last row), diffusers on its default processor\n')
+    print(UNET_HEADER)
+    rows = []
+    ours, ref = build_unets(dtype, device)
+    x, t, ctx = unet_inputs(args, dtype, device)
+    mb_o, mb_r = state_mb(ours), state_mb(ref)
+    heads = json.loads((CONFIGS / "unet/config.json").read_text())["attention_head_dim"]  # SD 1.5: 8 heads
+    tokens = args.latent**2  # the first level's self-attention, the largest scores of the UNet
+
+    def run_o():
+        out = ours(x, t, ctx)
+        return out.sample if hasattr(out, "sample") else out
+
+    def run_r():
+        return ref(x, t, ctx).sample
+
+    for size in (None, "auto", "max"):
+        set_attention_slice(ours, size)
+        ref.set_attention_slice(size)
+        per_call = {None: heads, "auto": heads // 2, "max": 1}[size]  # batch 1: B*heads = heads rows
+        processors = ", ".join(sorted({type(p).__name__ for p in ref.attn_processors.values()}))
+        # the "math" backend holds fp32 scores and probabilities, (rows, N, N) each, per call
+        score_mb = 2 * per_call * tokens**2 * 4 / 2**20
+        note = (f"{per_call} of {heads} heads per call; minidiff math scores+probs at the {tokens}-token "
+                f"level {score_mb:.0f} MB; diffusers {processors}")
+        with attention_backend("math"):
+            compare(f"slicing {size or 'off'}", run_o, run_r, device, args.repeats, mb_o, mb_r, rows, note=note)
+    set_attention_slice(ours, None)
+    ref.set_attention_slice(None)
+    with attention_backend("sdpa"):
+        compare("slicing off, minidiff sdpa", run_o, run_r, device, args.repeats, mb_o, mb_r, rows,
+                note="both fused SDPA, no score matrix kept: the reference point for the rows above")
+    del ours, ref
+    gc.collect()
+    return rows
+
+
+def section_combos(args, device):
+    """quantization-compile-offload.md's table on the SD 1.5 UNet: NF4 (every Linear, compute in
+    --dtype: what PipelineQuantizationConfig does), then + torch.compile, then + model CPU offload.
+    The reference is diffusers' UNet with bitsandbytes Linear4bit in the same layers (what its
+    bitsandbytes quantizer builds; diffusers 0.42 itself refuses to quantize without a GPU),
+    compiled the same way and offloaded with accelerate's cpu_offload_with_hook."""
+    import accelerate
+
+    from minidiff.memory.nf4 import quantize_model
+    from minidiff.memory.offload import enable_model_cpu_offload, remove_offload
+
+    compute = getattr(torch, args.dtype)  # the guide uses bfloat16 (--dtype bfloat16); on a CPU without
+    # bf16 matrix units that is many times slower than float32
+    print(f"\n### Quantization + compile + offload, one UNet forward, batch 1, latents {args.latent}x{args.latent}, "
+          f"NF4 weights, {args.dtype} compute, torch.compile(backend=\"inductor\") of the whole UNet\n")
+    print(UNET_HEADER)
+    rows = []
+    ours, ref = build_unets(compute, device)
+    x, t, ctx = unet_inputs(args, compute, device)
+    _, summary = quantize_model(ours, include="*", compute_dtype=compute)
+    swap_bnb(ref, summary.layers, compute)
+    run_o, run_r = (lambda: ours(x, t, ctx).sample), (lambda: ref(x, t, ctx).sample)
+    compare("quantized", run_o, run_r, device, args.repeats, state_mb(ours), state_mb(ref), rows,
+            note=f"{len(summary.layers)} Linear layers in NF4")
+    ours.compile(backend="inductor")
+    ref.compile(backend="inductor")
+    first = {}
+    with torch.inference_mode():
+        for name, fn in (("m", run_o), ("d", run_r)):
+            t0 = time.perf_counter()
+            try:
+                fn()
+            except Exception as err:  # a library whose layers do not compile: say so, keep going
+                first[name] = f"failed: {type(err).__name__}"
+                continue
+            first[name] = f"{time.perf_counter() - t0:.0f} s"
+    if all(v.endswith(" s") for v in first.values()):
+        compare("quantized + compile", run_o, run_r, device, args.repeats, state_mb(ours), state_mb(ref), rows,
+                note=f"first call (compile) {first['m']} / {first['d']}")
+        target = device
+        handle = enable_model_cpu_offload(ours, target)
+        _, ref_hook = accelerate.cpu_offload_with_hook(ref, execution_device=target)
+        compare("quantized + compile + model CPU offload", run_o, run_r, device, args.repeats, state_mb(ours),
+                state_mb(ref), rows, note="offload device = the CPU on a CPU machine (a rehearsal)" if target == "cpu" else "")
+        remove_offload(handle)
+        ref_hook.remove()
+    else:
+        print(f"\ncompile: minidiff {first['m']}, diffusers + bitsandbytes {first['d']}")
+    torch._dynamo.reset()
+    del ours, ref
+    gc.collect()
+    return rows
+
+
+SECTIONS = {"unet": section_unet, "nf4": section_nf4, "offload": section_offload, "vae": section_vae,
+            "slicing": section_slicing}
+# Only when asked for (minutes of compiling on a CPU): --only compile, --only combos
+EXTRA_SECTIONS = {"compile": section_compile, "combos": section_combos}
 
 
 def main():
