@@ -136,7 +136,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         limit = self.tokenizer.model_max_length
-        for prompt, n in zip(prompts, (len(x) for x in self.tokenizer(prompts, padding=False).input_ids)):
+        counts = [len(x) for x in self.tokenizer(prompts, padding=False, return_tensors=None).input_ids]
+        for prompt, n in zip(prompts, counts):
             if n > limit:
                 short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
                 warnings.warn(f"The prompt {short!r} has {n} tokens; CLIP reads {limit}, so the last {n - limit} "
