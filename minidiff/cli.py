@@ -109,8 +109,9 @@ def check_args(args) -> None:
     _finite(args, "strength", low=0, high=1, low_open=True)
 
 
-def _model_geometry(model: str) -> tuple[int, int]:
-    """(size multiple, native image side) from the checkpoint's config files, without weights."""
+def _model_geometry(model: str) -> tuple[int, int, int]:
+    """(size multiple, VAE factor, native image side) from the checkpoint's config files, read
+    before any weights."""
     from minidiff.loading import read_json, resolve_folder
 
     root = resolve_folder(model, allow_patterns=["*.json"])
@@ -118,16 +119,14 @@ def _model_geometry(model: str) -> tuple[int, int]:
     unet = read_json(resolve_folder(root, "unet"), "config.json")
     vae = read_json(resolve_folder(root, "vae"), "config.json")
     f = 2 ** (len(vae["block_out_channels"]) - 1)
-    return f * 2 ** (len(unet["block_out_channels"]) - 1), unet.get("sample_size", 64) * f
+    return f * 2 ** (len(unet["block_out_channels"]) - 1), f, unet.get("sample_size", 64) * f
 
 
 def check_size(height: int, width: int, model: str, what: str) -> None:
-    multiple, _ = _model_geometry(model)
-    if height % multiple or width % multiple:
-        def near(v):
-            return max(multiple, round(v / multiple) * multiple)
-        raise InputError(f"{what} is {width}x{height}, but this model needs multiples of {multiple} pixels on each "
-                         f"side; e.g. {near(width)}x{near(height)}.")
+    from minidiff.pipelines.images import check_image_size
+
+    multiple, f, _ = _model_geometry(model)
+    check_image_size(height, width, multiple, f, what)
 
 
 def open_image(path: str, model: str, resize: int | None = None):
@@ -153,7 +152,7 @@ def open_image(path: str, model: str, resize: int | None = None):
             white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
     image = image.convert("RGB")
-    multiple, native = _model_geometry(model)
+    multiple, _, native = _model_geometry(model)
     if resize is not None:
         scale = resize / max(image.size)
         size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in image.size)
@@ -223,8 +222,8 @@ def _load_pipeline(cls, args):
 def cmd_generate(args) -> int:
     from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 
-    _, native = _model_geometry(args.model)
-    check_size(args.height or native, args.width or native, args.model, "--width x --height")
+    _, _, native = _model_geometry(args.model)
+    check_size(args.height or native, args.width or native, args.model, "--width/--height")
     out = make_output(plan_output(args, [f"image_{i}.png" for i in range(args.num_images)]))
     pipe = _load_pipeline(StableDiffusionPipeline, args)
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,

@@ -170,13 +170,13 @@ def test_transparent_image_warns(tmp_path, capsys):
 def test_one_size_rule_stated_once(size, tmp_path, capsys):
     odd = tmp_path / f"odd{size}.png"
     PIL.Image.open(EXAMPLE).resize((size, size)).save(odd)
-    err = refused(capsys, "needs multiples of 32 pixels", "edit", odd, *EDIT, "--model", SHAPES,
+    err = refused(capsys, "needs positive multiples of 32 pixels", "edit", odd, *EDIT, "--model", SHAPES,
                   "--out", tmp_path / "o", out=tmp_path / "o")
     assert "e.g. 96x96" in err or "e.g. 128x128" in err
     from minidiff import DiffEditPipeline
 
     pipe = DiffEditPipeline.from_pretrained(SHAPES)
-    with pytest.raises(InputError, match="multiples of 32 pixels"):
+    with pytest.raises(InputError, match="positive multiples of 32 pixels"):
         pipe.generate_mask(image=PIL.Image.open(odd), source_prompt="a", target_prompt="b")
 
 

@@ -95,7 +95,7 @@ def test_generate_mask_invert_commands(tiny, circle, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["edit", "/no/such.png", "--source", "a", "--target", "b"], "No image file"),
     (["edit", "{circle}", "--source", "a", "--target", "b", "--strength", "1.5"], "--strength must be a finite number > 0 and <= 1"),
-    (["generate", "a", "--height", "30", "--width", "32", "--steps", "1"], "needs multiples of 4 pixels"),
+    (["generate", "a", "--height", "30", "--width", "32", "--steps", "1"], "needs positive multiples of 4 pixels"),
 ])
 def test_errors_are_one_sentence(tiny, circle, tmp_path, args, message):
     args = [a.replace("{circle}", str(circle)) for a in args] + ["--model", str(tiny), "--out", str(tmp_path / "o")]

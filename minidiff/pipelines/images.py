@@ -63,6 +63,23 @@ def preprocess_image(image, multiple: int = 8, height: int | None = None, width:
     return x
 
 
+def check_image_size(height, width, multiple: int, vae_scale_factor: int, what: str = "The image") -> None:
+    """The one size rule of an SD-style model: both sides positive multiples of `multiple` =
+    vae_scale_factor x 2**(the UNet's halvings), so that every upsampled map meets its skip."""
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % multiple == 0 for v in (height, width))
+    if ok:
+        return
+    halvings = (multiple // vae_scale_factor).bit_length() - 1
+
+    def near(v):
+        return max(multiple, round(v / multiple) * multiple) if isinstance(v, (int, float)) and v > 0 else multiple
+
+    raise InputError(
+        f"{what} is {width}x{height} (width x height), but this model needs positive multiples of {multiple} pixels "
+        f"on each side (the VAE divides by {vae_scale_factor}, then the UNet halves {halvings} more times); "
+        f"e.g. {near(width)}x{near(height)}.")
+
+
 def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
     """(B, H, W, C) floats in [0, 1] -> list of PIL images (RGB, or L for one channel)."""
     images = (images * 255).round().astype("uint8")

@@ -162,9 +162,7 @@ class DiffusionPipeline:
     @staticmethod
     def _load_component(root: Path, name: str, class_name: str, torch_dtype, variant, quantization_config):
         component_cls, _ = component_class(class_name)
-        if name == "tokenizer" or class_name.startswith("CLIPTokenizer"):
-            return component_cls.from_pretrained(root, subfolder=name)
-        if not issubclass(component_cls, nn.Module):  # a scheduler
+        if not issubclass(component_cls, nn.Module):  # a tokenizer or a scheduler: no weights, no dtype
             return component_cls.from_pretrained(root, subfolder=name)
         config = read_json(root / name, component_cls.config_name)
         saved_quantization = config.get("quantization_config")
@@ -259,31 +257,25 @@ class DiffusionPipeline:
     # Memory: thin calls into minidiff/memory and the models' own switches
 
     @staticmethod
-    def _accelerator(device) -> str | torch.device:
+    def _accelerator(device, gpu_id: int | None = None) -> str | torch.device:
         # diffusers picks the accelerator when `device` is None and refuses without one. minidiff
         # offloads to the CPU instead (a rehearsal that saves nothing; offload.py warns), so a
         # diffusers snippet still runs, and can be traced, on a CPU-only machine.
-        if device is not None:
-            return device
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return device if gpu_id is None else f"{torch.device(device).type}:{gpu_id}"
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
         """One whole component on the accelerator at a time (minidiff.memory.enable_model_cpu_offload)."""
         from minidiff.memory.offload import enable_model_cpu_offload
 
-        device = self._accelerator(device)
-        if gpu_id is not None:
-            device = f"{torch.device(device).type}:{gpu_id}"
-        return enable_model_cpu_offload(self, device)
+        return enable_model_cpu_offload(self, self._accelerator(device, gpu_id))
 
     def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device | None = None):
         """Each weight-holding module visits the accelerator just for its own forward."""
         from minidiff.memory.offload import enable_sequential_cpu_offload
 
-        device = self._accelerator(device)
-        if gpu_id is not None:
-            device = f"{torch.device(device).type}:{gpu_id}"
-        return enable_sequential_cpu_offload(self, device)
+        return enable_sequential_cpu_offload(self, self._accelerator(device, gpu_id))
 
     def enable_group_offload(self, onload_device: str | torch.device, offload_device: str | torch.device = "cpu",
                              offload_type: str = "block_level", num_blocks_per_group: int | None = None,

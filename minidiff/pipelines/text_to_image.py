@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from minidiff.errors import InputError
-from minidiff.pipelines.images import postprocess
+from minidiff.pipelines.images import check_image_size, postprocess
 from minidiff.pipelines.pipeline import DiffusionPipeline
 from minidiff.schedulers.base import randn
 
@@ -111,16 +111,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return self.vae_scale_factor * 2**halvings
 
     def check_image_size(self, height, width, what: str = "The image") -> None:
-        """One rule, stated once: positive multiples of size_multiple."""
-        m = self.size_multiple
-        ok = all(isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % m == 0 for v in (height, width))
-        if not ok:
-            def near(v):
-                return max(m, round(v / m) * m) if isinstance(v, (int, float)) and v > 0 else m
-            raise InputError(
-                f"{what} is {height}x{width}, but this model needs positive multiples of {m} pixels on each side "
-                f"(the VAE divides by {self.vae_scale_factor}, the UNet halves {m // self.vae_scale_factor} more "
-                f"times); e.g. {near(height)}x{near(width)}.")
+        check_image_size(height, width, self.size_multiple, self.vae_scale_factor, what)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -228,7 +219,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         f = self.vae_scale_factor
         height = self._default_size if height is None else height
         width = self._default_size if width is None else width
-        self.check_image_size(height, width, "height x width")
+        self.check_image_size(height, width, "width x height")
         if num_inference_steps < 1:
             raise InputError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
         if prompt is not None and prompt_embeds is not None:
