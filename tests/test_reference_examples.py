@@ -349,12 +349,14 @@ def run(pipeline):
     return pipeline(PROMPT_CAT, num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0)).images
 
 
-def assert_bf16_close(actual, expected):
+def assert_bf16_close(actual, expected, backend):
     """NF4 weights with bf16 compute, eager vs compiled (and channels-last): the same ops in
-    another order. bf16 keeps 8 significant bits, so a few pixels move by up to ~0.09 (measured
-    0.087 on 116 of 49152 values, channels-last); the mean stays far below a real error's."""
+    another order. bf16 keeps 8 significant bits, so a few pixels move: measured max 0.087 (116 of
+    49152 values) with the eager / aot_eager backends, 0.208 with inductor, which fuses and rounds
+    the bf16 intermediates differently; the mean stays near 1e-3 (inductor: 1.1e-3), far below a
+    real error's."""
     diff = np.abs(actual - expected)
-    assert diff.mean() < 2e-3 and diff.max() < 0.15, (diff.mean(), diff.max())
+    assert diff.mean() < 2e-3 and diff.max() < (0.3 if backend == "inductor" else 0.15), (diff.mean(), diff.max())
 
 
 @pytest.mark.parametrize("backend", ["eager", pytest.param("inductor", marks=pytest.mark.slow)])
@@ -370,7 +372,7 @@ def test_quantize_and_compile_example(backend):
     else:
         pipeline.unet.compile(backend=backend, fullgraph=True)
     try:
-        assert_bf16_close(run(pipeline), expected)
+        assert_bf16_close(run(pipeline), expected, backend)
     finally:
         torch._dynamo.reset()
 
@@ -385,8 +387,8 @@ def test_quantize_compile_and_offload_example(backend):
         pipeline.enable_model_cpu_offload()
     pipeline.unet.compile(backend=backend)
     try:
-        assert_bf16_close(run(pipeline), expected)
-        assert_bf16_close(run(pipeline), expected)  # the compiled graph reused
+        assert_bf16_close(run(pipeline), expected, backend)
+        assert_bf16_close(run(pipeline), expected, backend)  # the compiled graph reused
     finally:
         torch._dynamo.reset()
         pipeline.remove_all_hooks()
