@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from minidiff.errors import InputError
+from minidiff.pipelines.images import check_image_size
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -72,10 +73,10 @@ def check_device(name: str) -> str:
     return name
 
 
-def _positive_int(args, name: str) -> None:
+def _positive_int(args, name: str, unit: str = "") -> None:
     value = getattr(args, name.replace("-", "_"), None)
     if value is not None and value < 1:
-        raise InputError(f"--{name} must be a positive whole number; got {value}.")
+        raise InputError(f"--{name} must be a positive whole number{unit}; got {value}.")
 
 
 def _finite(args, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
@@ -97,9 +98,7 @@ def check_args(args) -> None:
     for name in ("steps", "num-images", "num-maps"):
         _positive_int(args, name)
     for name in ("height", "width", "resize"):
-        value = getattr(args, name, None)
-        if value is not None and value < 1:
-            raise InputError(f"--{name} must be a positive whole number of pixels; got {value}.")
+        _positive_int(args, name, " of pixels")
     if hasattr(args, "seed") and not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed must be a whole number from 0 to 2**64 - 1; got {args.seed}.")
     _finite(args, "guidance", low=0)
@@ -120,13 +119,6 @@ def _model_geometry(model: str) -> tuple[int, int, int]:
     vae = read_json(resolve_folder(root, "vae"), "config.json")
     f = 2 ** (len(vae["block_out_channels"]) - 1)
     return f * 2 ** (len(unet["block_out_channels"]) - 1), f, unet.get("sample_size", 64) * f
-
-
-def check_size(height: int, width: int, model: str, what: str) -> None:
-    from minidiff.pipelines.images import check_image_size
-
-    multiple, f, _ = _model_geometry(model)
-    check_image_size(height, width, multiple, f, what)
 
 
 def open_image(path: str, model: str, resize: int | None = None):
@@ -152,7 +144,7 @@ def open_image(path: str, model: str, resize: int | None = None):
             white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
     image = image.convert("RGB")
-    multiple, _, native = _model_geometry(model)
+    multiple, f, native = _model_geometry(model)
     if resize is not None:
         scale = resize / max(image.size)
         size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in image.size)
@@ -165,7 +157,7 @@ def open_image(path: str, model: str, resize: int | None = None):
     if min(w, h) < multiple:
         raise InputError(f"{path!r} is {w}x{h}, smaller than the {multiple}x{multiple} minimum of this model; "
                          f"pass --resize {native}.")
-    check_size(h, w, model, f"{path!r}")
+    check_image_size(h, w, multiple, f, f"{path!r}")
     return image
 
 
@@ -222,8 +214,8 @@ def _load_pipeline(cls, args):
 def cmd_generate(args) -> int:
     from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 
-    _, _, native = _model_geometry(args.model)
-    check_size(args.height or native, args.width or native, args.model, "--width/--height")
+    multiple, f, native = _model_geometry(args.model)
+    check_image_size(args.height or native, args.width or native, multiple, f, "--width/--height")
     out = make_output(plan_output(args, [f"image_{i}.png" for i in range(args.num_images)]))
     pipe = _load_pipeline(StableDiffusionPipeline, args)
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
@@ -236,11 +228,12 @@ def cmd_generate(args) -> int:
 
 
 def _check_steps(args) -> None:
-    """DiffEdit's step counts: int(steps * strength) must be at least one step (checked before the mask stage)."""
-    for name, strength in (("strength", getattr(args, "strength", None)), ("mask-strength", getattr(args, "mask_strength", None))):
-        if strength is not None and int(args.steps * strength) < 1:
-            raise InputError(f"--{name} {strength} with --steps {args.steps} gives int({args.steps} * {strength}) = 0 "
-                             f"steps; raise --{name} or --steps.")
+    """The inversion and the edit run int(steps * strength) steps: at least one (checked before
+    the mask stage). The mask stage takes its timestep on generate_mask's own 50-step grid."""
+    strength = getattr(args, "strength", None)
+    if strength is not None and int(args.steps * strength) < 1:
+        raise InputError(f"--strength {strength} with --steps {args.steps} gives int({args.steps} * {strength}) = 0 "
+                         f"steps; raise --strength or --steps.")
 
 
 def _mask(pipe, image, args):

@@ -325,6 +325,13 @@ def config_from_dict(config_cls: type, config: dict, ignore: Iterable[str] = ())
     return config_cls(**known)
 
 
+def refuse_pickled(use_safetensors: bool | None) -> None:
+    """diffusers' `use_safetensors` argument: True or None are what minidiff does anyway."""
+    if use_safetensors is False:
+        raise InputError("minidiff reads only .safetensors weights (no pickled .bin/.ckpt); "
+                         "drop use_safetensors=False.")
+
+
 # ----------------------------------------------------------------------------------------------
 # The dtype a model loads in
 
@@ -407,9 +414,7 @@ class PretrainedMixin:
         """Load a component folder (or `subfolder` of a pipeline folder or hub repo).
         `dtype=` is transformers 5's name for `torch_dtype`; the dtype rule is `resolve_dtype`'s.
         `use_safetensors` is accepted for diffusers code: minidiff reads safetensors only."""
-        if use_safetensors is False:
-            raise InputError("minidiff reads only .safetensors weights (no pickled .bin/.ckpt); "
-                             "drop use_safetensors=False.")
+        refuse_pickled(use_safetensors)
         torch_dtype = dtype if torch_dtype is None else torch_dtype
         stem = cls.weights_name.removesuffix(".safetensors")
         folder = resolve_folder(

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.errors import InputError
-from minidiff.loading import read_json, resolve_folder, write_json
+from minidiff.loading import read_json, refuse_pickled, resolve_folder, write_json
 
 # Components diffusers' SD pipelines take that minidiff does not have. A folder may list them; a
 # caller may pass them as None (`safety_checker=None`, as diffusers' docs do), nothing else.
@@ -124,8 +124,7 @@ class DiffusionPipeline:
         model_index.json's _class_name. Components passed by name (`scheduler=...`, or
         `safety_checker=None`) are used instead of loading them. `torch_dtype=None` loads each
         component in its library's default (see loading.resolve_dtype)."""
-        if use_safetensors is False:
-            raise InputError("minidiff reads only .safetensors weights; drop use_safetensors=False.")
+        refuse_pickled(use_safetensors)
         root = resolve_folder(pretrained_model_name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"],
                               local_files_only=local_files_only)
         index = read_json(root, "model_index.json")
