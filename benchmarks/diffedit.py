@@ -4,8 +4,8 @@ of the full SD 1.5 configuration and the same arguments.
     python benchmarks/diffedit.py                      # CPU: 128x128 images, 10 steps, 10 maps, fp32
     python benchmarks/diffedit.py --device cuda        # GPU: 512x512, 50 steps, fp16
 
-The components (UNet, VAE, CLIP text encoder; weights/configs/stable-diffusion-v1-5, tokenizer from
-weights/clip-tokenizer) are built once by diffusers/transformers with random weights and saved in
+The components (UNet, VAE, CLIP text encoder; minidiff/data/configs/stable-diffusion-v1-5, tokenizer from
+minidiff/data/clip-tokenizer) are built once by diffusers/transformers with random weights and saved in
 the diffusers layout to a temporary folder; diffusers' StableDiffusionDiffEditPipeline and
 minidiff's DiffEditPipeline both load that folder, in this one process. For each stage
 (generate_mask, invert, the edit) it reports the median wall time of the two libraries, timed in
@@ -35,11 +35,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from common import describe_machine, interleaved_median_times, measure_peak
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-SD15 = WEIGHTS / "configs" / "stable-diffusion-v1-5"
+from minidiff.data import CLIP_TOKENIZER, CONFIGS
+
+SD15 = CONFIGS / "stable-diffusion-v1-5"
 SOURCE = "a red circle and a blue square on a white background"
 TARGET = "a green circle and a blue square on a white background"
 
@@ -59,7 +59,7 @@ def write_random_sd15(folder: Path) -> Path:
     transformers.CLIPTextModel(text_config).save_pretrained(folder / "text_encoder")
     (folder / "tokenizer").mkdir()
     for name in ("vocab.json", "merges.txt", "special_tokens_map.json", "tokenizer_config.json"):
-        shutil.copy(WEIGHTS / "clip-tokenizer" / name, folder / "tokenizer" / name)
+        shutil.copy(CLIP_TOKENIZER / name, folder / "tokenizer" / name)
     (folder / "scheduler").mkdir()
     shutil.copy(SD15 / "scheduler/scheduler_config.json", folder / "scheduler")  # SD 1.5's (PNDM) betas, read by DDIM
     shutil.copy(SD15 / "model_index.json", folder)

@@ -30,7 +30,7 @@ with --groups. A check step whose prep step was not ok is skipped (skipped-prere
                       resolution (latents 64 / 96, images 512 / 768). `minidiff tiny-random` only
                       writes tiny configs, so a prep step (this script with
                       --write-random-checkpoint) builds each folder: diffusers / transformers
-                      models from the official configs in weights/configs/, random weights
+                      models from the official configs in minidiff/data/configs/, random weights
                       (seed 0, built on the GPU), saved in float16 in the diffusers layout with the
                       CLIP tokenizer files, into a temporary folder outside OUT_DIR (removed at the
                       end: a few GB that should not travel back with the results).
@@ -126,11 +126,11 @@ def plan(work: Path) -> list[Step]:
              ["benchmarks/attention.py", "--sweep", "--models", "SD 1.5", "--images", "512", "--dtypes", "float16",
               "--modes", "fwd", "--providers", "triton", "--no-check", "--warmup", "1", "--repeats", "5"],
              cap_s=60, expect=r"Block-size sweep"),
-        Step("prep_sd15", 3, [SCRIPT, "--write-random-checkpoint", "weights/configs/stable-diffusion-v1-5", str(sd15)],
+        Step("prep_sd15", 3, [SCRIPT, "--write-random-checkpoint", "minidiff/data/configs/stable-diffusion-v1-5", str(sd15)],
              cap_s=90, min_s=20, expect=r"wrote"),
         check(sd15, "sd15", "float16", 64, 512, "prep_sd15"),
         check(sd15, "sd15", "bfloat16", 64, 512, "prep_sd15"),
-        Step("prep_sd21", 3, [SCRIPT, "--write-random-checkpoint", "weights/configs/stable-diffusion-2-1", str(sd21)],
+        Step("prep_sd21", 3, [SCRIPT, "--write-random-checkpoint", "minidiff/data/configs/stable-diffusion-2-1", str(sd21)],
              cap_s=90, min_s=20, expect=r"wrote"),
         check(sd21, "sd21", "float16", 96, 768, "prep_sd21"),
         check(sd21, "sd21", "bfloat16", 96, 768, "prep_sd21"),
@@ -354,8 +354,8 @@ def run_suite(steps: list[Step], out_dir: Path, budget_s: float, dry_run: bool, 
 
 def write_random_checkpoint(config_dir: Path, dest: Path) -> None:
     """UNet, VAE and CLIP text encoder built by diffusers / transformers from the official configs
-    in `config_dir` (weights/configs/<model>), random weights (seed 0), saved in float16 in the
-    diffusers layout, with the CLIP tokenizer (vocab and merges from weights/clip-tokenizer, the
+    in `config_dir` (minidiff/data/configs/<model>), random weights (seed 0), saved in float16 in the
+    diffusers layout, with the CLIP tokenizer (vocab and merges from minidiff/data/clip-tokenizer, the
     model's own special tokens, e.g. SD 2's "!" padding), scheduler config and model_index.json."""
     import diffusers
     import torch
@@ -379,7 +379,7 @@ def write_random_checkpoint(config_dir: Path, dest: Path) -> None:
         print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
     (dest / "tokenizer").mkdir(exist_ok=True)
     for name in ("vocab.json", "merges.txt"):
-        shutil.copy(ROOT / "weights/clip-tokenizer" / name, dest / "tokenizer")
+        shutil.copy(ROOT / "minidiff/data/clip-tokenizer" / name, dest / "tokenizer")
     for name in ("tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy(config_dir / "tokenizer" / name, dest / "tokenizer")
     (dest / "scheduler").mkdir(exist_ok=True)

@@ -55,14 +55,14 @@ import gc
 import json
 import time
 import warnings
-from pathlib import Path
 
 import torch
+from common import describe_machine, interleaved_median_times, measure_peak, median_time
 from torch import nn
 
-from common import describe_machine, interleaved_median_times, measure_peak, median_time
+from minidiff.data import config_folder
 
-CONFIGS = Path(__file__).resolve().parent.parent / "weights/configs/stable-diffusion-v1-5"
+CONFIGS = config_folder("stable-diffusion-v1-5")
 
 
 def state_mb(model: nn.Module) -> float:
@@ -72,6 +72,7 @@ def state_mb(model: nn.Module) -> float:
 def build_unets(dtype: torch.dtype, device: str):
     """diffusers' SD 1.5 UNet with random weights, and minidiff's with the very same weights."""
     import diffusers
+
     from minidiff.loading import load_strict
     from minidiff.models.unet import UNet2DConditionModel
 
@@ -239,8 +240,13 @@ def section_offload(args, device):
     import accelerate
     from diffusers.hooks import apply_group_offloading as d_group
 
-    from minidiff.memory.offload import (OffloadTracer, apply_group_offloading, enable_model_cpu_offload,
-                                         enable_sequential_cpu_offload, remove_offload)
+    from minidiff.memory.offload import (
+        OffloadTracer,
+        apply_group_offloading,
+        enable_model_cpu_offload,
+        enable_sequential_cpu_offload,
+        remove_offload,
+    )
 
     dtype = getattr(torch, args.dtype)
     target = device if device != "cpu" else "cpu"

@@ -13,17 +13,24 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
+from common import (
+    count_flops,
+    describe_machine,
+    interleaved_median_times,
+    matmul_peak_gflops,
+    measure_peak,
+)
 
-from common import count_flops, describe_machine, interleaved_median_times, matmul_peak_gflops, measure_peak
+from minidiff.data import config_folder
 
-SD15_UNET = Path(__file__).resolve().parent.parent / "weights/configs/stable-diffusion-v1-5/unet/config.json"
+SD15_UNET = config_folder("stable-diffusion-v1-5") / "unet" / "config.json"
 
 
 def build_models(dtype: torch.dtype, device: str):
     import diffusers
+
     from minidiff.loading import load_strict
     from minidiff.models.unet import UNet2DConditionModel
 

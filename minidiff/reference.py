@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
-CLIP_TOKENIZER = WEIGHTS / "clip-tokenizer"
+from minidiff.data import CLIP_TOKENIZER
 
 # Shapes of each tiny flavour. "sd1": 1x1-conv projections, one head count for every block,
 # quick_gelu CLIP (like SD 1.5). "sd2": linear projections, a head count per block, upcast

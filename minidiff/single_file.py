@@ -50,6 +50,7 @@ from pathlib import Path
 
 import torch
 
+from minidiff.data import CONFIGS
 from minidiff.errors import InputError
 from minidiff.loading import load_strict, read_json
 
@@ -59,7 +60,7 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1: a transformers CLIPTextMo
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2: an OpenCLIP text tower
 
 # Official diffusers configs collected in the repository (unet/, vae/, text_encoder/ config.json).
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "weights" / "configs"
+CONFIGS_DIR = CONFIGS  # package data (minidiff/data/configs)
 SD1, SD2 = "stable-diffusion-v1-5", "stable-diffusion-2-1"  # 2-1 is the 768-v model; 2-1-base via config=
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl"}
@@ -295,7 +296,7 @@ def detect_family(keys: list[str], shape_of) -> str:
 
 def resolve_config(config: str | os.PathLike | dict | None, subfolder: str, family: str) -> dict:
     """A dict is used as it is; a folder is a pipeline folder (with `subfolder/config.json`), a
-    component folder (with `config.json`), or the name of a folder in weights/configs."""
+    component folder (with `config.json`), or the name of a folder in minidiff/data/configs."""
     if isinstance(config, dict):
         return config
     folder = CONFIGS_DIR / family if config is None else Path(config).expanduser()
@@ -315,7 +316,7 @@ def load_model(cls, path: str | os.PathLike, config: str | os.PathLike | dict | 
                torch_dtype: torch.dtype | None = None):
     """Build `cls` from its config and load its part of the single-file checkpoint at `path`.
 
-    config: None picks weights/configs/stable-diffusion-v1-5 or -2-1 from the file's keys. The keys
+    config: None picks minidiff/data/configs/stable-diffusion-v1-5 or -2-1 from the file's keys. The keys
         of 2-1 (768 px, v-prediction, upcast_attention) and 2-1-base (512 px) are identical, so
         pass config="stable-diffusion-2-1-base" for the base model.
     torch_dtype: converts the floating tensors; None keeps the file's dtype.

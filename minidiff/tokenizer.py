@@ -15,7 +15,7 @@ Text -> ids in five steps, each one line of `_build_backend` below:
 The special strings themselves ("<|endoftext|>", and "!" when it is the pad token) are matched in
 the raw text before step 1, and become their own ids.
 
-Files (the diffusers `tokenizer/` folder, or weights/clip-tokenizer in this repo):
+Files (the diffusers `tokenizer/` folder, or minidiff/data/clip-tokenizer in this repo):
     vocab.json               token -> id, 49408 entries; <|startoftext|> 49406, <|endoftext|> 49407
     merges.txt               "#version: 0.2" then one "left right" merge per line, by rank
     special_tokens_map.json  bos / eos / unk / pad tokens
@@ -203,7 +203,7 @@ class CLIPTokenizer:
         revision: str | None = None,
     ) -> "CLIPTokenizer":
         """Load a tokenizer folder, as transformers does: the folder itself by default (e.g.
-        `weights/clip-tokenizer`), or `subfolder="tokenizer"` of a pipeline folder."""
+        `minidiff/data/clip-tokenizer`), or `subfolder="tokenizer"` of a pipeline folder."""
         folder = resolve_folder(path_or_repo_id, subfolder, allow_patterns=TOKENIZER_FILES,
                                 local_files_only=local_files_only, revision=revision)
         if not ((folder / "vocab.json").is_file() or (folder / "tokenizer.json").is_file()):

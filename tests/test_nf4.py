@@ -27,13 +27,19 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import max_rel_err
 from torch import nn
 
-from helpers import max_rel_err
 from minidiff.loading import load_strict, read_json
 from minidiff.memory import nf4
 from minidiff.memory.nf4 import (
-    LinearNF4, NF4Tensor, dequantize_nf4, load_quantized, quantize_model, quantize_nf4, save_quantized,
+    LinearNF4,
+    NF4Tensor,
+    dequantize_nf4,
+    load_quantized,
+    quantize_model,
+    quantize_nf4,
+    save_quantized,
 )
 from minidiff.models.unet import UNet2DConditionModel
 
@@ -289,10 +295,10 @@ def test_double_quant_model_bytes(tiny_unet_folder):
 @pytest.mark.parametrize("name, n_swapped, n_conv_proj", [("stable-diffusion-v1-5", 160, 32), ("stable-diffusion-2-1", 192, 0)])
 def test_full_size_unet_bytes_on_meta(name, n_swapped, n_conv_proj):
     """The official configs, built on the meta device: the byte counts, nothing allocated."""
-    from minidiff.reference import WEIGHTS
+    from minidiff.data import CONFIGS
 
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(read_json(WEIGHTS / "configs" / name / "unet", "config.json"))
+        unet = UNet2DConditionModel.from_config(read_json(CONFIGS / name / "unet", "config.json"))
     total = sum(p.numel() for p in unet.parameters())
     conv_proj = [n for n, m in unet.named_modules() if n.endswith(("proj_in", "proj_out")) and isinstance(m, nn.Conv2d)]
     _, summary = quantize_model(unet)
@@ -464,9 +470,9 @@ def test_quantize_model_with_convs_on_a_tiny_unet(tiny_unet_folder):
 
 def test_full_size_unet_with_convs_bytes_on_meta():
     """SD 1.5's UNet on the meta device: every conv and every Linear in NF4 gives <= 0.16x."""
-    from minidiff.reference import WEIGHTS
+    from minidiff.data import CONFIGS
 
-    config = read_json(WEIGHTS / "configs" / "stable-diffusion-v1-5" / "unet", "config.json")
+    config = read_json(CONFIGS / "stable-diffusion-v1-5" / "unet", "config.json")
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(config)
         default_linears = UNet2DConditionModel.from_config(config)

@@ -354,7 +354,7 @@ def test_full_size_official_layout(family):
     from minidiff.models.vae import AutoencoderKL
 
     if not (sf.CONFIGS_DIR / family / "unet" / "config.json").is_file():
-        pytest.skip(f"weights/configs/{family} is not there yet")
+        pytest.skip(f"minidiff/data/configs/{family} is not there yet")
     shapes = {**ldm_unet_shapes(**FULL[family]["unet"]), **ldm_vae_shapes(128, [1, 2, 4, 4], 2, 4),
               **FULL[family]["text"]}
     assert sf.detect_family(list(shapes), shapes.__getitem__) == family

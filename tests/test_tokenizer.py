@@ -1,6 +1,6 @@
 """minidiff.CLIPTokenizer against transformers' CLIPTokenizer, built from the same files.
 
-The vocabulary is the real one (weights/clip-tokenizer, converted from OpenAI's BPE file), so these
+The vocabulary is the real one (minidiff/data/clip-tokenizer, converted from OpenAI's BPE file), so these
 tests are about exact equality: ids, attention masks and decoded text must be identical, no
 tolerance. Each tokenizer folder (SD 1.x and SD 2.x conventions, a newer and a transformers-5
 layout) is written to tmp_path and loaded through both libraries' `from_pretrained`.
@@ -13,11 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
 import transformers
+
+from minidiff.data import CLIP_TOKENIZER
 from minidiff.tokenizer import CLIPTokenizer
 
-FILES = Path(__file__).resolve().parents[1] / "weights" / "clip-tokenizer"
+FILES = CLIP_TOKENIZER  # package data: minidiff/data/clip-tokenizer
 BOS_ID, EOS_ID = 49406, 49407
 
 # transformers 5 has one CLIP tokenizer (the `tokenizers`-backed one); CLIPTokenizerFast is an
@@ -147,7 +148,7 @@ def folders(tmp_path_factory):
     special_map = json.loads((FILES / "special_tokens_map.json").read_text())
     config = json.loads((FILES / "tokenizer_config.json").read_text())
 
-    # SD 1.x: the files of weights/clip-tokenizer as they are (pad <|endoftext|>).
+    # SD 1.x: the files of minidiff/data/clip-tokenizer as they are (pad <|endoftext|>).
     sd1 = _copy_vocab(root / "sd1")
     shutil.copy(FILES / "special_tokens_map.json", sd1)
     shutil.copy(FILES / "tokenizer_config.json", sd1)

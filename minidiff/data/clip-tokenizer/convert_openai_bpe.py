@@ -19,7 +19,7 @@ SD 2.x tokenizers share it). The script also writes `special_tokens_map.json` an
 Usage (the input may be the .txt.gz itself or the clip-anytorch wheel that contains it):
 
     pip download --no-deps clip-anytorch -d /tmp/clipwheel
-    python weights/clip-tokenizer/convert_openai_bpe.py /tmp/clipwheel/clip_anytorch-*.whl weights/clip-tokenizer
+    python minidiff/data/clip-tokenizer/convert_openai_bpe.py /tmp/clipwheel/clip_anytorch-*.whl minidiff/data/clip-tokenizer
 """
 
 from __future__ import annotations
@@ -123,7 +123,7 @@ def write_folder(vocab: dict[str, int], merges: list[tuple[str, str]], out: Path
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("source", type=Path, help=f"{GZ_NAME} or a clip-anytorch wheel containing it")
-    parser.add_argument("out", type=Path, help="output folder (e.g. weights/clip-tokenizer)")
+    parser.add_argument("out", type=Path, help="output folder (e.g. minidiff/data/clip-tokenizer)")
     args = parser.parse_args()
     vocab, merges = build_vocab_and_merges(read_bpe_text(args.source))
     write_folder(vocab, merges, args.out)
