@@ -56,6 +56,7 @@ def _tolerance(dtype: torch.dtype) -> float:
 
 def check_unet(folder: Path, device, dtype, gen, latent_size: int) -> list[Row]:
     import diffusers
+
     from minidiff.models.unet import UNet2DConditionModel
 
     ours = UNet2DConditionModel.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -72,6 +73,7 @@ def check_unet(folder: Path, device, dtype, gen, latent_size: int) -> list[Row]:
 
 def check_vae(folder: Path, device, dtype, gen, image_size: int) -> list[Row]:
     import diffusers
+
     from minidiff.models.vae import AutoencoderKL
 
     ours = AutoencoderKL.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -90,6 +92,7 @@ def check_vae(folder: Path, device, dtype, gen, image_size: int) -> list[Row]:
 
 def check_text_encoder(name: str, cls_name: str, folder: Path, tokenizer_folder: Path | None, device, dtype, gen) -> list[Row]:
     import transformers
+
     from minidiff.models import clip
 
     ours = getattr(clip, cls_name).from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -114,6 +117,7 @@ def check_text_encoder(name: str, cls_name: str, folder: Path, tokenizer_folder:
 
 def check_image_encoder(folder: Path, device, dtype, gen) -> list[Row]:
     import transformers
+
     from minidiff.models.clip import CLIPVisionModelWithProjection
 
     ours = CLIPVisionModelWithProjection.from_pretrained(folder, torch_dtype=dtype).to(device)
@@ -126,6 +130,7 @@ def check_image_encoder(folder: Path, device, dtype, gen) -> list[Row]:
 
 def check_tokenizer(folder: Path) -> list[Row]:
     import transformers
+
     from minidiff.tokenizer import CLIPTokenizer
 
     kwargs = dict(padding="max_length", max_length=77, truncation=True, return_tensors="pt")
@@ -138,6 +143,7 @@ def check_tokenizer(folder: Path) -> list[Row]:
 
 def check_scheduler(folder: Path, gen) -> list[Row]:
     import diffusers
+
     from minidiff.schedulers.ddim import DDIMScheduler
 
     config = read_json(folder, "scheduler_config.json")

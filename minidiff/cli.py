@@ -10,6 +10,9 @@
     minidiff train-shapes WHAT    train / export / evaluate the shapes-world models (WHAT: vae, clip,
                                   unet, export, eval, eval-edit; `minidiff train-shapes -h` for options)
 
+`mask`, `invert` and `edit` default to EDIT_SETTINGS (minidiff/training/shapes/evaluate.py): with
+no flags they run the DiffEdit configuration the shapes model card measured.
+
 Every argument, the device, the input files and the output folder are checked before a model is
 loaded or anything is written. Errors a user can fix (a wrong path, a bad value: minidiff's
 InputError, FileNotFoundError, FileExistsError) are printed as one sentence on stderr and the
@@ -20,17 +23,31 @@ traceback. `minidiff --debug ...` (or MINIDIFF_DEBUG=1) shows the traceback alwa
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
 
+import PIL.Image
 import torch
 
+from minidiff.check import format_table, run_check
 from minidiff.errors import InputError
-from minidiff.pipelines.images import check_image_size
+from minidiff.loading import read_json, resolve_folder
+from minidiff.pipelines.diffedit import DiffEditPipeline, InversionOutput
+from minidiff.pipelines.images import check_image_size, mask_overlay, side_by_side
+from minidiff.pipelines.text_to_image import StableDiffusionPipeline
+from minidiff.reference import save_tiny_pipeline
+from minidiff.training.shapes.evaluate import (
+    EDIT_SETTINGS,  # the DiffEdit defaults: what the model card measured
+)
+from minidiff.validation import (
+    check_guidance,
+    check_number,
+    check_positive_int,
+    steps_for_strength,
+)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -73,46 +90,34 @@ def check_device(name: str) -> str:
     return name
 
 
-def _positive_int(args, name: str, unit: str = "") -> None:
-    value = getattr(args, name.replace("-", "_"), None)
-    if value is not None and value < 1:
-        raise InputError(f"--{name} must be a positive whole number{unit}; got {value}.")
-
-
-def _finite(args, name: str, low: float | None = None, high: float | None = None, low_open: bool = False) -> None:
-    value = getattr(args, name.replace("-", "_"), None)
-    if value is None:
-        return
-    bad = not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
-        high is not None and value > high)
-    if bad:
-        lo = "" if low is None else (f" > {low:g}" if low_open else f" >= {low:g}")
-        hi = "" if high is None else f" and <= {high:g}"
-        raise InputError(f"--{name} must be a finite number{lo}{hi}; got {value}.")
-
-
 def check_args(args) -> None:
     """Every number and the device, before a model is loaded or a folder created."""
     if hasattr(args, "device"):
         check_device(args.device)
-    for name in ("steps", "num-images", "num-maps"):
-        _positive_int(args, name)
-    for name in ("height", "width", "resize"):
-        _positive_int(args, name, " of pixels")
     if hasattr(args, "seed") and not 0 <= args.seed <= MAX_SEED:
         raise InputError(f"--seed must be a whole number from 0 to 2**64 - 1; got {args.seed}.")
-    _finite(args, "guidance", low=0)
-    _finite(args, "invert-guidance", low=0)
-    _finite(args, "threshold", low=0, low_open=True)
-    _finite(args, "mask-strength", low=0, high=1, low_open=True)
-    _finite(args, "strength", low=0, high=1, low_open=True)
+    # A flag this command does not have, or an optional one not given, reads None and is skipped.
+    given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in (
+        "--steps", "--num-images", "--num-maps", "--height", "--width", "--resize", "--guidance",
+        "--invert-guidance", "--threshold", "--mask-strength", "--strength")}
+    given = {flag: value for flag, value in given.items() if value is not None}
+    for flag, value in given.items():
+        if flag in ("--steps", "--num-images", "--num-maps"):
+            check_positive_int(flag, value)
+        elif flag in ("--height", "--width", "--resize"):
+            check_positive_int(flag, value, " of pixels")
+        elif flag in ("--guidance", "--invert-guidance"):
+            check_guidance(value, flag)
+        elif flag == "--threshold":
+            check_number(flag, value, low=0, low_open=True)
+        else:  # a strength: then at least one step of noise on the --steps grid
+            check_number(flag, value, low=0, high=1, low_open=True)
+            steps_for_strength(args.steps, value, flag, "--steps")
 
 
 def _model_geometry(model: str) -> tuple[int, int, int]:
     """(size multiple, VAE factor, native image side) from the checkpoint's config files, read
     before any weights."""
-    from minidiff.loading import read_json, resolve_folder
-
     root = resolve_folder(model, allow_patterns=["*.json"])
     read_json(root, "model_index.json")
     unet = read_json(resolve_folder(root, "unet"), "config.json")
@@ -123,8 +128,6 @@ def _model_geometry(model: str) -> tuple[int, int, int]:
 
 def open_image(path: str, model: str, resize: int | None = None):
     """The input image as RGB, checked against the model's size rule (and resized on request)."""
-    import PIL.Image
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"No image file at {path!r}.")
     try:
@@ -212,8 +215,6 @@ def _load_pipeline(cls, args):
 
 
 def cmd_generate(args) -> int:
-    from minidiff.pipelines.text_to_image import StableDiffusionPipeline
-
     multiple, f, native = _model_geometry(args.model)
     check_image_size(args.height or native, args.width or native, multiple, f, "--width/--height")
     out = make_output(plan_output(args, [f"image_{i}.png" for i in range(args.num_images)]))
@@ -227,20 +228,29 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def _check_steps(args) -> None:
-    """The inversion and the edit run int(steps * strength) steps: at least one (checked before
-    the mask stage). The mask stage takes its timestep on generate_mask's own 50-step grid."""
-    strength = getattr(args, "strength", None)
-    if strength is not None and int(args.steps * strength) < 1:
-        raise InputError(f"--strength {strength} with --steps {args.steps} gives int({args.steps} * {strength}) = 0 "
-                         f"steps; raise --strength or --steps.")
+# DiffEdit: the defaults of mask / invert / edit are EDIT_SETTINGS, and these three calls pass
+# what evaluate_diffedit passes, so that a command without flags is the configuration measured.
+
+
+def _guidance(args, setting: str) -> float:
+    """--guidance, or EDIT_SETTINGS' scale for this stage ("guidance_scale": mask; "edit_guidance_scale")."""
+    return EDIT_SETTINGS[setting] if args.guidance is None else args.guidance
 
 
 def _mask(pipe, image, args):
+    """generate_mask at latent size (one L-mode PIL image of 0/255), on the --steps grid. With one
+    image mask_clamp "per_image" (evaluate_diffedit's) and "batch" give the same mask."""
     return pipe.generate_mask(image=image, source_prompt=args.source, target_prompt=args.target,
                               num_maps_per_mask=args.num_maps, mask_encode_strength=args.mask_strength,
-                              mask_thresholding_ratio=args.threshold, guidance_scale=args.guidance,
-                              generator=_generator(args.seed), output_type="pil")[0]
+                              mask_thresholding_ratio=args.threshold, num_inference_steps=args.steps,
+                              guidance_scale=_guidance(args, "guidance_scale"), generator=_generator(args.seed),
+                              output_type="pil", mask_clamp="per_image")[0]
+
+
+def _full_size(mask, image):
+    """The latent-size mask at the image's size, each latent pixel an f x f block (as evaluate
+    upsamples it), so the saved mask stays 0/255."""
+    return mask.resize(image.size, PIL.Image.Resampling.NEAREST)
 
 
 def _warn_if_empty(mask) -> None:
@@ -250,29 +260,23 @@ def _warn_if_empty(mask) -> None:
 
 
 def _invert(pipe, image, args):
-    guidance = args.guidance if args.invert_guidance is None else args.invert_guidance
     return pipe.invert(prompt=args.source, image=image, num_inference_steps=args.steps,
-                       inpaint_strength=args.strength, guidance_scale=guidance, generator=_generator(args.seed))
+                       inpaint_strength=args.strength, guidance_scale=args.invert_guidance,
+                       generator=_generator(args.seed))
 
 
 def cmd_mask(args) -> int:
-    from minidiff.pipelines.diffedit import DiffEditPipeline
-
-    _check_steps(args)
     image = open_image(args.image, args.model, args.resize)
     out = make_output(plan_output(args, ["mask.png"], [args.image]))
     pipe = _load_pipeline(DiffEditPipeline, args)
     mask = _mask(pipe, image, args)
     _warn_if_empty(mask)
-    mask.resize(image.size).save(out / "mask.png")
+    _full_size(mask, image).save(out / "mask.png")
     print(f"wrote {out / 'mask.png'}")
     return 0
 
 
 def cmd_invert(args) -> int:
-    from minidiff.pipelines.diffedit import DiffEditPipeline
-
-    _check_steps(args)
     image = open_image(args.image, args.model, args.resize)
     out = make_output(plan_output(args, ["inverted_latents.safetensors"], [args.image]))
     pipe = _load_pipeline(DiffEditPipeline, args)
@@ -283,10 +287,6 @@ def cmd_invert(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    from minidiff.pipelines.diffedit import DiffEditPipeline, InversionOutput
-    from minidiff.pipelines.images import mask_overlay, side_by_side
-
-    _check_steps(args)
     image = open_image(args.image, args.model, args.resize)
     inputs = [args.image] + ([args.latents] if args.latents else [])
     if args.latents and not Path(args.latents).is_file():
@@ -297,13 +297,14 @@ def cmd_edit(args) -> int:
     mask = _mask(pipe, image, args)
     _warn_if_empty(mask)
     inv = saved if saved is not None else _invert(pipe, image, args)
-    negative = args.source if args.negative_prompt is None else args.negative_prompt
+    negative = args.source if args.negative_prompt == "source" else args.negative_prompt  # evaluate's convention
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The mask is empty")  # said once above
         edited = pipe(prompt=args.target, negative_prompt=negative, mask_image=mask, image_latents=inv,
-                      num_inference_steps=args.steps, inpaint_strength=args.strength, guidance_scale=args.guidance,
-                      generator=_generator(args.seed), blend=args.blend).images[0]
-    big_mask = mask.resize(image.size)
+                      num_inference_steps=args.steps, inpaint_strength=args.strength,
+                      guidance_scale=_guidance(args, "edit_guidance_scale"), generator=_generator(args.seed),
+                      blend=args.blend).images[0]
+    big_mask = _full_size(mask, image)
     edited.save(out / "edited.png")
     big_mask.save(out / "mask.png")
     side_by_side([image, mask_overlay(image, big_mask), edited]).save(out / "panel.png")
@@ -312,8 +313,6 @@ def cmd_edit(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from minidiff.check import format_table, run_check
-
     rows = run_check(args.model, device=args.device, dtype=args.dtype, seed=args.seed,
                      latent_size=args.latent_size, image_size=args.image_size)
     print(format_table(rows))
@@ -323,8 +322,6 @@ def cmd_check(args) -> int:
 
 
 def cmd_tiny_random(args) -> int:
-    from minidiff.reference import save_tiny_pipeline
-
     args.out = args.folder
     out = make_output(plan_output(args, []))
     save_tiny_pipeline(out, flavour=args.flavour, seed=args.seed)
@@ -338,16 +335,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of every error (also: MINIDIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, needs_out=True):
+    def common(p, steps=50, guidance=7.5, guidance_help="classifier-free guidance scale (default 7.5)"):
         p.add_argument("--model", required=True, help="a local folder in the diffusers layout, or a hub repo id")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", type=_dtype, default=torch.float32)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--steps", type=int, default=50, help="DDIM steps (num_inference_steps)")
-        p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-        if needs_out:
-            p.add_argument("--out", default="outputs", help="folder for the results")
-            p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+        p.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (num_inference_steps, default {steps})")
+        if guidance_help:  # `invert` has only --invert-guidance
+            p.add_argument("--guidance", type=float, default=guidance, help=guidance_help)
+        p.add_argument("--out", default="outputs", help="folder for the results")
+        p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
+
+    # DiffEdit's defaults are EDIT_SETTINGS (minidiff/training/shapes/evaluate.py), the settings
+    # of the shapes model card; diffusers' own defaults are in each help text.
+    s = EDIT_SETTINGS
 
     def diffedit_args(p, mask=True, invert=True):
         p.add_argument("image", help="the input image file")
@@ -356,14 +357,22 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", required=True, help="text describing the image now (e.g. 'a red circle')")
         if mask:
             p.add_argument("--target", required=True, help="text describing the edit (e.g. 'a blue square')")
-            p.add_argument("--num-maps", type=int, default=10, help="noise maps averaged for the mask")
-            p.add_argument("--mask-strength", type=float, default=0.5, help="mask_encode_strength")
-            p.add_argument("--threshold", type=float, default=3.0, help="mask_thresholding_ratio")
+            p.add_argument("--num-maps", type=int, default=s["num_maps_per_mask"],
+                           help=f"noise draws averaged for the mask (num_maps_per_mask, default {s['num_maps_per_mask']})")
+            p.add_argument("--mask-strength", type=float, default=s["mask_encode_strength"],
+                           help=f"mask_encode_strength (default {s['mask_encode_strength']}; diffusers 0.5)")
+            p.add_argument("--threshold", type=float, default=s["mask_thresholding_ratio"],
+                           help=f"mask_thresholding_ratio (default {s['mask_thresholding_ratio']}; diffusers 3.0)")
         if invert:
-            p.add_argument("--strength", type=float, default=0.8, help="inpaint_strength: how far to invert")
-            p.add_argument("--invert-guidance", type=float, default=None,
-                           help="guidance scale of the inversion (default: --guidance, as diffusers; 1 = plain "
-                                "DDIM inversion, the most faithful)")
+            p.add_argument("--strength", type=float, default=s["inpaint_strength"],
+                           help=f"inpaint_strength: how far to invert (default {s['inpaint_strength']})")
+            p.add_argument("--invert-guidance", type=float, default=s["invert_guidance_scale"],
+                           help=f"guidance scale of the inversion (default {s['invert_guidance_scale']:g}: plain DDIM "
+                                "inversion, the most faithful; diffusers uses its guidance_scale, 7.5)")
+        stages = (f"the mask and of the masked denoising (default {s['guidance_scale']:g} and "
+                  f"{s['edit_guidance_scale']:g})" if invert else f"the mask (default {s['guidance_scale']:g})")
+        common(p, steps=s["num_inference_steps"], guidance=None,
+               guidance_help=f"classifier-free guidance scale of {stages}" if mask else None)
 
     p = sub.add_parser("generate", help="text-to-image")
     p.add_argument("prompt")
@@ -376,12 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mask", help="DiffEdit step 1: the edit mask")
     diffedit_args(p, invert=False)
-    common(p)
     p.set_defaults(func=cmd_mask)
 
     p = sub.add_parser("invert", help="DiffEdit step 2: DDIM inversion")
     diffedit_args(p, mask=False)
-    common(p)
     p.set_defaults(func=cmd_invert)
 
     p = sub.add_parser("edit", help="DiffEdit: mask + inversion + masked denoising")
@@ -390,10 +397,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latents", default=None,
                    help="inverted_latents.safetensors from `minidiff invert` (its schedule is checked) instead of "
                         "inverting again")
-    p.add_argument("--negative-prompt", default=None,
-                   help="negative prompt of the masked denoising; default: the source prompt (diffusers' "
-                        "DiffEdit example); \"\" (unconditional) suits the small shapes model better")
-    common(p)
+    p.add_argument("--negative-prompt", default=s["negative_prompt"],
+                   help=f"negative prompt of the masked denoising (default {s['negative_prompt']!r}); \"source\" "
+                        "uses the source prompt, as diffusers' DiffEdit example does")
     p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("check", help="compare a checkpoint's components with diffusers/transformers")

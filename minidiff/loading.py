@@ -12,7 +12,12 @@ way and every mistake is reported the same way:
                      mis-shaped keys in one readable message
     save_weights     the same layout back (optionally sharded), readable by diffusers/transformers
     config_from_dict dict -> config dataclass; unknown keys are ignored with one warning
+    build_loaded     the tail of every loader: meta-device build, dtype cast, load_strict,
+                     buffers, eval (`from_pretrained` here, `from_single_file` in single_file.py)
     PretrainedMixin  `from_pretrained` / `save_pretrained` for every minidiff model
+
+This file imports none of its users: single_file.py imports it (and adds `from_single_file`
+through its own `SingleFileMixin`), never the other way round.
 
 Layout facts (diffusers / transformers as of 2025):
     <repo>/model_index.json                          pipeline: {"unet": ["diffusers", "UNet2DConditionModel"], ...}
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minidiff.errors import InputError
@@ -92,6 +98,8 @@ def resolve_folder(
             "or pass a Hugging Face repo id such as 'stable-diffusion-v1-5/stable-diffusion-v1-5'."
         )
 
+    # Imported here, not at the top: only a hub id needs it, and the hub client takes ~0.2 s to
+    # import that loading a local folder never pays.
     from huggingface_hub import snapshot_download
 
     if local_files_only is None:
@@ -177,8 +185,6 @@ def weight_files(folder: str | os.PathLike, weights_name: str, variant: str | No
 
 def read_state_dict(files: Iterable[str | os.PathLike]) -> dict[str, torch.Tensor]:
     """Read and merge the tensors of safetensors files (all on the CPU)."""
-    from safetensors.torch import load_file
-
     state: dict[str, torch.Tensor] = {}
     for path in files:
         path = Path(path)
@@ -254,8 +260,6 @@ def save_weights(
 ) -> list[Path]:
     """Write tensors as one safetensors file, or as shards plus an index when the total size
     exceeds `max_shard_size` bytes. Returns the files written."""
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # safetensors wants contiguous tensors that share no storage.
@@ -362,6 +366,35 @@ def resolve_dtype(torch_dtype, default: str, config: dict, state: dict[str, torc
 
 
 # ----------------------------------------------------------------------------------------------
+# The last steps of every loader
+
+
+def build_loaded(cls, config: dict | Any, state: dict[str, torch.Tensor], source: str,
+                 dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> nn.Module:
+    """Build `cls` from `config` and give it the weights `state` (already in `cls`'s key names):
+    the tail shared by `from_pretrained` (below) and `from_single_file` (minidiff/single_file.py).
+
+        1. cast the floating tensors to `dtype` (None keeps each tensor's own; integer and bool
+           buffers are never cast)
+        2. build on the meta device: no memory and no time spent on random initial weights that
+           the checkpoint replaces anyway
+        3. `load_strict`: every key present, none extra, every shape right, else one readable
+           error naming `source`; the loaded tensors are assigned, not copied
+        4. recreate the buffers the checkpoint does not hold (still on the meta device)
+        5. move to `device` if given, and `eval()` (no dropout; what diffusers returns as well)
+    """
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    load_strict(model, state, source=source)
+    model._init_non_persistent_buffers()
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
 # from_pretrained / save_pretrained shared by every model
 
 
@@ -423,29 +456,11 @@ class PretrainedMixin:
             local_files_only=local_files_only, revision=revision,
         )
         config = read_json(folder, cls.config_name)
-        # Build on the meta device: no memory is spent on random initial weights that the
-        # checkpoint replaces anyway (load_strict assigns the loaded tensors).
-        with torch.device("meta"):
-            model = cls.from_config(config)
         files = weight_files(folder, cls.weights_name, variant)
         state = cls.convert_state_dict(read_state_dict(files))
         torch_dtype = resolve_dtype(torch_dtype, cls.default_dtype, config, state)
-        if torch_dtype is not None:
-            state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-        load_strict(model, state, source=", ".join(repr(str(f)) for f in files))
-        model._init_non_persistent_buffers()
-        if device is not None:
-            model.to(device)
-        return model.eval()
-
-    @classmethod
-    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | dict | None = None,
-                         torch_dtype: torch.dtype | None = None):
-        """Load this component out of an original (LDM / CompVis) single-file checkpoint, e.g.
-        `v1-5-pruned-emaonly.safetensors`. See minidiff/single_file.py for the key maps."""
-        from minidiff.single_file import load_model
-
-        return load_model(cls, path, config=config, torch_dtype=torch_dtype)
+        source = ", ".join(repr(str(f)) for f in files)
+        return build_loaded(cls, config, state, source, dtype=torch_dtype, device=device)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -18,6 +18,9 @@ import torch
 
 from minidiff.data import CLIP_TOKENIZER
 
+# diffusers and transformers are imported inside each builder: they are test extras, and the
+# settings below (FLAVOURS, scheduler_config) are read without them (notebook 03).
+
 # Shapes of each tiny flavour. "sd1": 1x1-conv projections, one head count for every block,
 # quick_gelu CLIP (like SD 1.5). "sd2": linear projections, a head count per block, upcast
 # attention, gelu CLIP with "!" padding and v-prediction (like SD 2.1-v).
@@ -91,6 +94,13 @@ def scheduler_config(flavour: str = "sd1") -> dict:
     }
 
 
+def tiny_scheduler(flavour: str = "sd1"):
+    """diffusers' DDIMScheduler with SD's settings; its save_pretrained writes the scheduler/ folder."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler_config(flavour))
+
+
 def save_tiny_pipeline(folder: str | Path, flavour: str = "sd1", seed: int = 0) -> Path:
     """Write a complete tiny random SD pipeline in the diffusers layout and return its folder."""
     folder = Path(folder)
@@ -106,8 +116,7 @@ def save_tiny_pipeline(folder: str | Path, flavour: str = "sd1", seed: int = 0) 
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": pad}
     (tok / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
     (tok / "tokenizer_config.json").write_text(json.dumps({**special, "model_max_length": 77, "tokenizer_class": "CLIPTokenizer"}, indent=2))
-    (folder / "scheduler").mkdir(exist_ok=True)
-    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler_config(flavour), indent=2))
+    tiny_scheduler(flavour).save_pretrained(folder / "scheduler")
     index = {
         "_class_name": "StableDiffusionPipeline",
         "feature_extractor": [None, None], "safety_checker": [None, None], "requires_safety_checker": False,

@@ -18,6 +18,10 @@ plus three small tensor surgeries:
     surgery 3  OpenCLIP's `text_projection` is used as x @ P with P (D, P_dim); a Linear stores its
                transpose (P_dim, D).
 
+`Model.from_single_file(path)` comes from `SingleFileMixin` at the end of this file, which the
+UNet, VAE and CLIP text classes list beside `PretrainedMixin`; the last steps (meta-device build,
+dtype cast, strict load, eval) are loading.py's `build_loaded`, the same as `from_pretrained`'s.
+
 The UNet and VAE maps depend on the architecture (blocks per level, which levels have attention),
 so they are generated from the diffusers config as templates, not written out as tables. Each map
 takes LDM *module* paths to diffusers module paths (plus renames of the leaves inside the module);
@@ -49,10 +53,11 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from minidiff.data import CONFIGS
 from minidiff.errors import InputError
-from minidiff.loading import load_strict, read_json
+from minidiff.loading import build_loaded, read_json
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -268,8 +273,6 @@ def component_prefix(name: str, keys: list[str]) -> str | None:
 
 
 def _open_safetensors(path: Path):
-    from safetensors import safe_open
-
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise InputError(
             f"{str(path)!r} is a pickled PyTorch checkpoint ({path.suffix}). minidiff reads only "
@@ -348,11 +351,17 @@ def load_model(cls, path: str | os.PathLike, config: str | os.PathLike | dict | 
     else:
         state = convert_openclip_sd2(state, int(cfg["num_hidden_layers"]),
                                      with_projection=name == "CLIPTextModelWithProjection")
-    if torch_dtype is not None:
-        state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    return build_loaded(cls, cfg, state, source=f"the {what} of {str(path)!r}", dtype=torch_dtype)
 
-    with torch.device("meta"):  # no memory spent on random weights that the file replaces
-        model = cls.from_config(cfg)
-    load_strict(model, state, source=f"the {what} of {str(path)!r}")
-    model._init_non_persistent_buffers()
-    return model.eval()
+
+class SingleFileMixin:
+    """`Model.from_single_file(path)` for the models an SD checkpoint holds (UNet, VAE, CLIP text
+    encoder): a model class lists this mixin beside `PretrainedMixin`. It lives here, not on
+    `PretrainedMixin`, so that loading.py never imports this file (which imports loading.py)."""
+
+    @classmethod
+    def from_single_file(cls, path: str | os.PathLike, config: str | os.PathLike | dict | None = None,
+                         torch_dtype: torch.dtype | None = None):
+        """Load this component out of an original (LDM / CompVis) single-file checkpoint, e.g.
+        `v1-5-pruned-emaonly.safetensors`; see `load_model` for `config` and `torch_dtype`."""
+        return load_model(cls, path, config=config, torch_dtype=torch_dtype)

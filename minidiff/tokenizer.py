@@ -42,7 +42,14 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import torch
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    normalizers,
+    pre_tokenizers,
+)
 from tokenizers.models import BPE
 
 from minidiff.errors import InputError

@@ -273,6 +273,22 @@ def test_strength_is_checked_before_the_mask_stage(image, tmp_path, capsys, monk
             "--strength", "0.05", "--out", tmp_path / "o", out=tmp_path / "o")
 
 
+def test_shared_argument_checks():
+    """minidiff/validation.py: name first, then value; a keyword argument in backticks, a flag as typed."""
+    from minidiff.validation import check_choice, check_number, check_positive_int
+
+    with pytest.raises(InputError, match=r"`blend` must be one of \['diffusers', 'aligned'\]; got 'paper'"):
+        check_choice("blend", "paper", ("diffusers", "aligned"))
+    for value in (0, 2.0, True, None):
+        with pytest.raises(InputError, match="--steps must be a positive whole number"):
+            check_positive_int("--steps", value)
+    with pytest.raises(NonFiniteError, match="`eta` must be a finite number >= 0; got nan"):
+        check_number("eta", float("nan"), low=0)
+    with pytest.raises(InputError, match=r"`r` must be a finite number > 0 and <= 1 \(a fraction\); got 0"):
+        check_number("r", 0, low=0, high=1, low_open=True, why="a fraction")
+    check_number("r", 1, low=0, high=1, low_open=True)
+
+
 def test_long_prompt_warning_is_one_short_line_at_the_caller():
     from minidiff import StableDiffusionPipeline
 

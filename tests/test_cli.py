@@ -3,6 +3,7 @@ sentence and exit non-zero without a traceback."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +103,43 @@ def test_errors_are_one_sentence(tiny, circle, tmp_path, args, message):
     result = run_cli(*args)
     assert result.returncode == 2, result.stderr
     assert message in result.stderr and "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# The DiffEdit defaults are the evaluated settings
+
+SHAPES = Path(__file__).resolve().parents[1] / "weights" / "shapes"
+
+
+def test_mask_command_computes_the_evaluated_mask(tmp_path, monkeypatch):
+    """`minidiff mask` without flags = evaluate_diffedit's generate_mask call (the model card's
+    figures), on the bundled shapes model: the same image, prompts and seed give the same mask."""
+    import numpy as np
+    from PIL import Image
+
+    from minidiff.pipelines.diffedit import DiffEditPipeline
+    from minidiff.training.shapes.evaluate import evaluate_diffedit
+
+    class Seen(Exception):
+        """Raised once the mask is captured: the rest of the evaluation is not needed."""
+
+    generate_mask = DiffEditPipeline.generate_mask
+
+    def capture(self, **kwargs):
+        raise Seen(kwargs, generate_mask(self, **kwargs))
+
+    monkeypatch.setattr(DiffEditPipeline, "generate_mask", capture)
+    with pytest.raises(Seen) as seen:
+        evaluate_diffedit(SHAPES, n=1, seed=0, progress=False)
+    monkeypatch.undo()
+    kwargs, evaluated = seen.value.args  # evaluated: (1, h, w) float 0/1
+    pixels = ((kwargs["image"][0] + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()  # back to its uint8 scene
+    Image.fromarray(pixels).save(tmp_path / "case.png")
+
+    assert main(["mask", str(tmp_path / "case.png"), "--model", str(SHAPES), "--source", kwargs["source_prompt"][0],
+                 "--target", kwargs["target_prompt"][0], "--seed", "0", "--out", str(tmp_path / "o")]) == 0
+    saved = np.asarray(Image.open(tmp_path / "o" / "mask.png")) // 255  # (H, W), each latent pixel an f x f block
+    f = saved.shape[0] // evaluated.shape[-1]
+    expected = evaluated[0].numpy().astype(np.uint8).repeat(f, 0).repeat(f, 1)
+    assert 0 < expected.mean() < 1, "a trivial mask would not test the settings"
+    assert np.array_equal(saved, expected)

@@ -1,7 +1,9 @@
 """DiffEdit end to end: a tiny random SD checkpoint written by diffusers/transformers, loaded by
 diffusers' StableDiffusionDiffEditPipeline and by minidiff's DiffEditPipeline; the same seeds
 must give the same masks, inverted latents and edited images. Then minidiff's own options
-(aligned blend, per-image clamp, shared negative branch) and every bad-input error."""
+(aligned blend, per-image clamp, shared negative branch, the soft maps) and every bad-input error.
+The module docstring of minidiff/pipelines/diffedit.py lists where diffusers differs; the tests
+below named after those differences show each."""
 
 import numpy as np
 import pytest
@@ -154,12 +156,25 @@ def test_long_prompt_is_truncated_with_a_warning(pipes, images):
 MASK_KW = dict(source_prompt="a cat", target_prompt="a dog", num_maps_per_mask=4, num_inference_steps=10)
 
 
-def test_shared_negative_branch_equals_four_groups(pipes, images, monkeypatch):
+def test_shared_negative_branch_equals_four_groups(pipes, images):
     ours, _ = pipes
     shortcut = ours.generate_mask(image=images, generator=gen(), **MASK_KW)
-    monkeypatch.setattr(ours, "_share_negative_branch", False)
-    four_groups = ours.generate_mask(image=images, generator=gen(), **MASK_KW)
+    four_groups = ours.generate_mask(image=images, generator=gen(), skip_shared_negative=False, **MASK_KW)
     assert np.array_equal(shortcut, four_groups) and 0 < shortcut.mean() < 1
+
+
+def test_mask_maps_are_what_the_mask_is_cut_from(pipes, images):
+    """return_maps=True gives the maps generate_mask binarises (notebook 06 plots them)."""
+    ours, _ = pipes
+    maps = ours.generate_mask(image=images, generator=gen(), return_maps=True, **MASK_KW)
+    mask = ours.generate_mask(image=images, generator=gen(), **MASK_KW)
+    assert np.array_equal(maps.mask, mask)
+    assert maps.differences.shape == (2, 4, SIZE // 2, SIZE // 2)  # (B, K, h, w), K = num_maps_per_mask
+    assert np.array_equal((maps.soft_mask > 0.5).long().numpy(), mask)
+    # The mean of the K maps vs the joint mean over (K, channels): the same up to float32 summation order.
+    torch.testing.assert_close(maps.differences.mean(dim=1), maps.guidance_map, rtol=1e-5, atol=0)
+    assert 0 <= maps.soft_mask.min() and maps.soft_mask.max() <= 1 and maps.bound.ndim == 0  # mask_clamp="batch"
+    assert maps.timestep == int(ours.scheduler.timesteps[10 - 5])  # mask_encode_strength 0.5 of 10 steps
 
 
 def test_mask_guidance_cancels_with_shared_negative(pipes, images):

@@ -298,7 +298,7 @@ def test_from_pretrained_takes_components_and_refuses_unknown_ones(tiny):
 def test_offload_methods_give_the_same_images(tiny, enable):
     pipe = quiet(StableDiffusionPipeline.from_pretrained(tiny))
     expected = image(pipe)
-    with pytest.warns(UserWarning, match="saves no memory"):  # CPU-only: the rehearsal of offload.py
+    with pytest.warns(UserWarning, match="saves no memory"):  # CPU-only: the rehearsal of memory/offload
         enable(pipe)
     try:
         assert any(hasattr(m, "_minidiff_offload") for c in pipe._model_components().values() for m in c.modules())

@@ -9,9 +9,9 @@ skipped in this process and `test_in_fresh_process` runs this file in a fresh Py
 TRITON_INTERPRET=1 instead (the variable is not set for the rest of the shared process). On a
 CUDA machine the same tests run the compiled kernels on the GPU, bf16 included.
 
-What is checked: forward and dq, dk, dv against `reference_attention` computed in float64 on
+What is checked: forward and dq, dk, dv against `attention_ref` computed in float64 on
 the same (rounded) inputs, for sequence lengths 1, 63, 77, 100, head dims 8..256, Nq != Nk,
-causal, boolean / additive / CLIP-style masks, strided inputs, small and uneven block sizes; a
+causal, boolean / additive / CLIP-style / 2-D (Nq, Nk) masks, strided inputs, small and uneven block sizes; a
 tiny UNet and a tiny CLIP text encoder with backend "triton" against "math"; the dispatcher's
 rules; the ValueErrors for bad input, raised before any launch.
 """
@@ -35,7 +35,7 @@ pytest.importorskip("triton")
 
 import minidiff.kernels.flash_attention as fa  # noqa: E402
 from helpers import max_rel_err  # noqa: E402
-from minidiff.models.attention import _resolve, attention, attention_backend  # noqa: E402
+from minidiff.models.attention import _resolve, attention, attention_backend, attention_ref  # noqa: E402
 
 # Tolerances: max |error| / max |truth| against float64 on the same inputs.
 # fp32: tiles summed in another order than one big matmul, exp2 instead of exp; a few ulps
@@ -77,8 +77,10 @@ def make_mask(kind, B, H, n_q, n_k, g):
     lengths = torch.randint(max(1, n_k // 2), n_k + 1, (B,), generator=g)
     lengths[0] = max(1, n_k - 3)  # at least one row really padded, whatever the generator says
     keep = torch.arange(n_k)[None, :] < lengths[:, None]  # (B, Nk): right padding, as the tokenizer's
-    if kind == "padding2d":
-        return keep  # flash_attention's own (B, Nk) form
+    if kind == "2d":  # (Nq, Nk), shared by every sample and head: how broadcasting reads 2-D
+        shared = torch.rand(n_q, n_k, generator=g) > 0.3
+        shared[:, 0] = True
+        return shared
     if kind == "padding":
         return keep[:, None, None, :]  # (B, 1, 1, Nk), as the UNet / prior pass
     if kind == "additive":  # 0 keeps, -inf drops, plus a finite per-(head, query, key) bias
@@ -109,8 +111,8 @@ def run_case(B, H, n_q, n_k, d, dtype, causal, mask_kind, seed=0, layout=None):
     # Those rows are cut off; the cut keeps the bottom-right alignment of the others.
     first = max(0, n_q - n_k) if causal else 0
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    mask_rows = mask if mask is None or mask.dim() == 2 or mask.shape[2] == 1 else mask[:, :, first:]
-    ref = fa.reference_attention(q64[:, :, first:], k64, v64, mask=mask_rows, causal=causal)
+    mask_rows = mask if mask is None or mask.shape[-2] == 1 else mask[..., first:, :]
+    ref = attention_ref(q64[:, :, first:], k64, v64, mask=mask_rows, causal=causal)
     dq64, dk64, dv64 = torch.autograd.grad(ref, (q64, k64, v64), do.double()[:, :, first:])
     assert out.shape == (B, H, n_q, d) and out.dtype == dtype
     assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in (dq, dk, dv))
@@ -142,7 +144,7 @@ CASES = [
     (1, 1, 63, 63, 8, F32, True, None),  # the smallest head dim, padded to 16
     (2, 1, 77, 77, 64, F16, True, "clip"),  # CLIP's causal text encoder with padding
     (1, 2, 100, 77, 80, F32, False, "padding"),  # UNet cross-attention with a key padding mask
-    (1, 2, 64, 64, 80, F16, False, "padding2d"),
+    (1, 2, 64, 64, 80, F16, False, "2d"),
     (1, 1, 100, 100, 160, F16, False, None),  # SD 1.5's widest head, padded to 256
     (1, 1, 63, 100, 40, F16, True, "additive"),  # causal with Nq < Nk: the diagonal shifts right
     (1, 1, 100, 63, 160, F32, True, None),  # causal with Nq > Nk: the first 37 rows see nothing
@@ -176,7 +178,7 @@ def test_masks_and_causal_change_the_result():
     q, k, v = (torch.randn(2, 2, 77, 40, generator=g).to(DEVICE) for _ in range(3))
     plain = fa.flash_attention(q, k, v)
     assert max_rel_err(fa.flash_attention(q, k, v, causal=True), plain) > 0.1
-    for kind in ("padding", "padding2d", "additive", "clip"):
+    for kind in ("padding", "2d", "additive", "clip"):
         mask = make_mask(kind, 2, 2, 77, 77, g).to(DEVICE)
         assert max_rel_err(fa.flash_attention(q, k, v, mask=mask), plain) > 0.1, kind
 
@@ -217,12 +219,12 @@ def test_strided_inputs(layout):
 def test_queries_with_no_visible_key_give_zero():
     """A batch element whose keys are all masked: 0 out and 0 gradient, never NaN."""
     q, k, v = (torch.randn(2, 1, 20, 16, device=DEVICE, requires_grad=True) for _ in range(3))
-    keep = torch.ones(2, 20, dtype=torch.bool, device=DEVICE)
+    keep = torch.ones(2, 1, 1, 20, dtype=torch.bool, device=DEVICE)  # (B, 1, 1, Nk) key padding
     keep[1] = False
     out = fa.flash_attention(q, k, v, mask=keep)
     out.sum().backward()
     assert out[1].abs().max() == 0 and q.grad[1].abs().max() == 0 and k.grad[1].abs().max() == 0
-    assert max_rel_err(out[0], fa.reference_attention(q[:1], k[:1], v[:1])[0]) < FP32_RTOL
+    assert max_rel_err(out[0], attention_ref(q[:1], k[:1], v[:1])[0]) < FP32_RTOL
 
 
 @pytest.mark.skipif(not ON_GPU, reason="Triton's interpreter has no bfloat16 arithmetic")
@@ -336,13 +338,16 @@ def test_vae_attention_block():
 
 
 @in_fresh_process_if_needed
-def test_dispatcher_reads_short_masks_like_broadcasting():
-    """attention(..., backend="triton") with a 2-D mask means (Nq, Nk), as for every backend."""
+def test_short_masks_read_like_broadcasting():
+    """A 2-D mask means (Nq, Nk) and a 3-D one (H, Nq, Nk), for the kernel as for every backend."""
     q, k, v = (torch.randn(2, 2, 10, 16, device=DEVICE) for _ in range(3))
     mask = torch.rand(10, 10, device=DEVICE) > 0.3
     mask[:, 0] = True
     ours = attention(q, k, v, mask=mask, backend="triton")
     assert max_rel_err(ours, attention(q, k, v, mask=mask, backend="math")) <= FP32_RTOL
+    assert max_rel_err(fa.flash_attention(q, k, v, mask=mask), attention_ref(q, k, v, mask=mask)) <= FP32_RTOL
+    per_head = torch.randn(2, 10, 10, device=DEVICE)  # additive, one bias per (head, query, key)
+    assert max_rel_err(fa.flash_attention(q, k, v, mask=per_head), attention_ref(q, k, v, mask=per_head)) <= FP32_RTOL
 
 
 # ----------------------------------------------------------------------------------------------
@@ -363,8 +368,10 @@ def _bad_inputs():
         ("same number of tokens", dict(q=q, k=k, v=t(1, 2, 7, 40))),
         ("batch and heads", dict(q=q, k=t(1, 3, 6, 40), v=t(1, 3, 6, 40))),
         ("does not fit", dict(q=q, k=k, v=k, mask=torch.ones(1, 1, 8, 7, dtype=torch.bool, device=DEVICE))),
-        ("does not fit", dict(q=q, k=k, v=k, mask=torch.ones(1, 8, 6, dtype=torch.bool, device=DEVICE))),
-        ("key padding mask", dict(q=q, k=k, v=k, mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))),
+        ("does not fit", dict(q=q, k=k, v=k, mask=torch.ones(3, 8, 6, dtype=torch.bool, device=DEVICE))),
+        ("does not fit", dict(q=q, k=k, v=k, mask=torch.ones(1, 1, 1, 1, 6, dtype=torch.bool, device=DEVICE))),
+        # (B, Nk) key padding is not a 2-D mask: 2-D means (queries, keys), as in broadcasting
+        (r"2-D mask is \(queries, keys\)", dict(q=q, k=k, v=k, mask=torch.ones(1, 8, dtype=torch.bool, device=DEVICE))),
         ("boolean", dict(q=q, k=k, v=k, mask=torch.ones(1, 6, dtype=torch.long, device=DEVICE))),
         ("gradient for the mask", dict(q=q, k=k, v=k, mask=torch.zeros(1, 1, 1, 6, device=DEVICE, requires_grad=True))),
         ("scale", dict(q=q, k=k, v=k, scale="0.1")),

@@ -1,4 +1,4 @@
-"""CPU offloading (minidiff/memory/offload.py), tested on the CPU.
+"""CPU offloading (minidiff/memory/offload/), tested on the CPU.
 
 Without a GPU the tests offload to device="cpu", the documented rehearsal mode: every onload still
 allocates a fresh tensor and copies the weight into it, every offload drops it, so the schedule is
@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from minidiff.memory import offload
 from minidiff.memory.offload import (OffloadTracer, apply_group_offloading, enable_model_cpu_offload,
                                      enable_sequential_cpu_offload, remove_offload)
+from minidiff.models.clip import CLIPTextEmbeddings
 from minidiff.pipelines.diffedit import DiffEditPipeline
 from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 from minidiff.reference import save_tiny_pipeline
@@ -118,9 +118,9 @@ def test_every_weight_has_exactly_one_hook(pipe):
 
 
 def test_compute_check_catches_a_missing_hook(pipe, monkeypatch):
-    """Negative control: without the whole-unit rule for CLIP's embeddings, the position table is
-    read by its parent's forward while still on the CPU; the tracer must notice."""
-    monkeypatch.setattr(offload, "_READS_CHILD_WEIGHTS", ())
+    """Negative control: without the whole-unit rule for CLIP's embeddings (their class marker), the
+    position table is read by its parent's forward while still on the CPU; the tracer must notice."""
+    monkeypatch.setattr(CLIPTextEmbeddings, "reads_child_weights_directly", False)
     enable_sequential_cpu_offload(pipe.text_encoder, "cpu")
     try:
         with pytest.raises(RuntimeError, match="position_embedding"):
@@ -316,3 +316,30 @@ def test_cpu_device_is_a_documented_rehearsal_and_bad_devices_are_refused():
     with pytest.raises(ValueError, match="pipeline"):
         enable_model_cpu_offload(object(), "cpu")
     assert not hasattr(model, "_minidiff_offload")
+
+
+def test_tracer_reports_nothing_before_it_is_entered():
+    """A tracer that was never entered has seen nothing, even while weights are on the device."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    handle = enable_model_cpu_offload(model, "cpu")
+    try:
+        model(torch.randn(1, 4))  # leaves the model on the device (model offload keeps the last one)
+        tracer = OffloadTracer()
+        assert tracer.resident() == [] and tracer.events == [] and tracer.timeline() == []
+        assert tracer.max_resident() == 0 and tracer.peak_bytes() == 0 and tracer.count("onload") == 0
+        with tracer:
+            assert tracer.resident() == ["Sequential"]  # entered: it sees what is on the device
+    finally:
+        remove_offload(handle)
+
+
+def test_pipeline_reads_the_execution_device_the_hooks_set(pipe):
+    """The one piece of state between hooks and pipeline: `pipe.execution_device`, set on install
+    (the loop's `pipe.device` reads it) and reset on removal."""
+    assert pipe.execution_device is None
+    enable_model_cpu_offload(pipe, "cpu")
+    try:
+        assert pipe.execution_device == torch.device("cpu") and pipe.device == pipe.execution_device
+    finally:
+        remove_offload(pipe)
+    assert pipe.execution_device is None

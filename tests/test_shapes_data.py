@@ -3,6 +3,7 @@ shipped judge's held-out accuracy."""
 
 import hashlib
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,9 +15,10 @@ from minidiff.training.shapes.data import (
     render, scene_batches, scene_stream,
 )
 from minidiff.training.shapes.judge import (
-    DEFAULT_JUDGE_DIR, ShapesJudge, ShapesJudgeConfig, crop_boxes, evaluate_judge, load_judge, scene_regions,
-    train_judge,
+    ShapesJudge, ShapesJudgeConfig, crop_boxes, evaluate_judge, load_judge, scene_regions, train_judge,
 )
+
+SHIPPED_JUDGE = Path(__file__).resolve().parent.parent / "weights" / "shapes" / "judge"
 
 
 def _digest(scene) -> str:
@@ -188,9 +190,9 @@ def test_bad_inputs_are_explained():
 
 @pytest.fixture(scope="module")
 def judge():
-    if not (DEFAULT_JUDGE_DIR / "model.safetensors").is_file():
-        pytest.fail(f"The shipped judge is missing from {DEFAULT_JUDGE_DIR}.")
-    return load_judge()
+    if not (SHIPPED_JUDGE / "model.safetensors").is_file():
+        pytest.fail(f"The shipped judge is missing from {SHIPPED_JUDGE}.")
+    return load_judge(SHIPPED_JUDGE)
 
 
 @pytest.fixture(scope="module")

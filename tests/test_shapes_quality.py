@@ -12,12 +12,13 @@ weights/shapes/README.md.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 
-from minidiff.training.shapes.evaluate import (
-    SHAPES_MODEL, evaluate_diffedit, evaluate_text_to_image, evaluate_vae_psnr,
-)
+from minidiff.training.shapes.evaluate import evaluate_diffedit, evaluate_text_to_image, evaluate_vae_psnr
+
+SHAPES_MODEL = Path(__file__).resolve().parent.parent / "weights" / "shapes"  # the bundled model folder
 
 # Sample sizes, and what each sample scored with the shipped weights (2-core CPU, fp32):
 T2I_N = 48  # held-out single-object prompts, 20 DDIM steps, guidance 6

@@ -1,4 +1,4 @@
-"""The shapes-world training loops (minidiff/training/shapes/train.py) and the shipped pipeline.
+"""The shapes-world training loops (minidiff/training/shapes/train_*.py), the export and the shipped pipeline.
 
 Fast checks on tiny configs, a few steps each:
   * seeded: two runs with the same seed give bit-identical weights (the loops are deterministic
@@ -7,7 +7,9 @@ Fast checks on tiny configs, a few steps each:
     optimizer, RNG and data position all restored) and the checkpoint says step 3;
   * checkpoints are written atomically: a crash inside torch.save leaves the old file intact and
     no half-written checkpoint under the final name;
-  * export: save_pipeline writes the diffusers layout that minidiff and diffusers both load.
+  * export: save_pipeline writes the diffusers layout that minidiff and diffusers both load, with
+    the same files as weights/shapes when it re-exports the shipped components, and refuses to
+    write into a folder that holds files unless told to overwrite (then it keeps the others).
 If weights/shapes/model_index.json exists, the shipped pipeline must give the same image in
 minidiff and in diffusers for the same initial latents (atol 1e-4: both run the same fp32
 arithmetic, only summation order differs).
@@ -22,25 +24,33 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidiff.training.shapes import train as T
+from minidiff.errors import InputError
+from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
+from minidiff.training.shapes.configs import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, VISION_CONFIG
+from minidiff.training.shapes.export import folder_size_mb, save_pipeline
+from minidiff.training.shapes.loop import load_checkpoint, save_checkpoint
+from minidiff.training.shapes.train import main
+from minidiff.training.shapes.train_clip import train_clip
+from minidiff.training.shapes.train_unet import train_unet
+from minidiff.training.shapes.train_vae import train_vae
 
 SHIPPED = Path(__file__).resolve().parent.parent / "weights" / "shapes"
 
-TINY_VAE = dict(T.VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
-TINY_TEXT = dict(T.TEXT_CONFIG, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
+TINY_VAE = dict(VAE_CONFIG, block_out_channels=(8, 8, 8, 8), norm_num_groups=4)
+TINY_TEXT = dict(TEXT_CONFIG, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
                  num_attention_heads=2)
-TINY_VISION = dict(T.VISION_CONFIG, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
+TINY_VISION = dict(VISION_CONFIG, hidden_size=16, intermediate_size=32, projection_dim=16, num_hidden_layers=1,
                    num_attention_heads=2)
-TINY_UNET = dict(T.UNET_CONFIG, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
+TINY_UNET = dict(UNET_CONFIG, block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=2,
                  down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def run_all(folder: Path, steps: int = 2, resume: bool = False):
     kw = dict(seed=0, progress=False, resume=resume, ckpt_every=1)
-    vae = T.train_vae(folder, steps=steps, batch_size=2, config=TINY_VAE, std_scenes=4, **kw)
-    clip = T.train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION, **kw)
-    unet = T.train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET, pool_size=8, **kw)
+    vae = train_vae(folder, steps=steps, batch_size=2, config=TINY_VAE, std_scenes=4, **kw)
+    clip = train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION, **kw)
+    unet = train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET, pool_size=8, **kw)
     return vae, clip, unet
 
 
@@ -63,17 +73,17 @@ def test_seeded_runs_are_identical(two_runs):
         assert_same_weights(ma, mb)
     # ... and training changed something: the weights differ from a fresh initialisation.
     torch.manual_seed(0)
-    fresh = T.AutoencoderKL(T.AutoencoderKLConfig(**TINY_VAE))
+    fresh = AutoencoderKL(AutoencoderKLConfig(**TINY_VAE))
     assert not torch.equal(fresh.encoder.conv_in.weight, models_a[0].encoder.conv_in.weight)
 
 
 def test_outputs_and_checkpoints_written(two_runs):
     folder = two_runs[0]
     for name in ("vae", "clip", "unet"):
-        state = T.load_checkpoint(folder / f"{name}.pt")
+        state = load_checkpoint(folder / f"{name}.pt")
         assert state["step"] == 2
     assert not list(folder.glob("*.tmp")), "a temporary checkpoint file was left behind"
-    vae = T.AutoencoderKL.from_pretrained(folder / "vae")
+    vae = AutoencoderKL.from_pretrained(folder / "vae")
     assert vae.config.scaling_factor != 0.18215  # measured, not SD's default
     assert (folder / "text_encoder" / "model.safetensors").is_file()
     assert (folder / "image_encoder" / "model.safetensors").is_file()
@@ -91,23 +101,23 @@ def test_resume_continues_exactly(two_runs, tmp_path):
             shutil.copytree(frozen / sub, folder / sub)
     kw = dict(seed=0, progress=False, ckpt_every=1)
     runs = {
-        "vae": lambda folder, steps, resume: T.train_vae(folder, steps=steps, batch_size=2, config=TINY_VAE,
+        "vae": lambda folder, steps, resume: train_vae(folder, steps=steps, batch_size=2, config=TINY_VAE,
                                                          std_scenes=4, resume=resume, **kw),
-        "clip": lambda folder, steps, resume: T.train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT,
+        "clip": lambda folder, steps, resume: train_clip(folder, steps=steps, batch_size=4, text_config=TINY_TEXT,
                                                            vision_config=TINY_VISION, resume=resume, **kw),
-        "unet": lambda folder, steps, resume: T.train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET,
+        "unet": lambda folder, steps, resume: train_unet(folder, steps=steps, batch_size=2, config=TINY_UNET,
                                                            pool_size=8, resume=resume, **kw),
     }
     for name, run in runs.items():
         run(split, 2, False)
         resumed = run(split, 3, True)
-        assert T.load_checkpoint(split / f"{name}.pt")["step"] == 3
+        assert load_checkpoint(split / f"{name}.pt")["step"] == 3
         assert_same_weights(resumed, run(straight, 3, False))
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     path = tmp_path / "x.pt"
-    T.save_checkpoint({"step": 1}, path)
+    save_checkpoint({"step": 1}, path)
 
     def crashing_save(obj, f, *args, **kwargs):
         Path(f).write_bytes(b"half a checkpoint")
@@ -115,21 +125,91 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crashing_save)
     with pytest.raises(KeyboardInterrupt):
-        T.save_checkpoint({"step": 2}, path)
+        save_checkpoint({"step": 2}, path)
     monkeypatch.undo()
-    assert T.load_checkpoint(path)["step"] == 1
+    assert load_checkpoint(path)["step"] == 1
 
 
 def test_save_pipeline_loads_in_minidiff_and_diffusers(two_runs, tmp_path):
     diffusers = pytest.importorskip("diffusers")
     from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 
-    out = T.save_pipeline(tmp_path / "pipe", ckpt_dir=two_runs[0])
+    out = save_pipeline(tmp_path / "pipe", ckpt_dir=two_runs[0])
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionPipeline"
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["beta_schedule"], sched["steps_offset"], sched["set_alpha_to_one"]) == ("scaled_linear", 1, False)
     compare_pipelines(out, StableDiffusionPipeline, diffusers)
+
+
+def test_save_pipeline_refuses_a_folder_with_files_unless_overwrite(two_runs, tmp_path):
+    model = tmp_path / "model"
+    (model / "judge").mkdir(parents=True)
+    (model / "judge" / "config.json").write_text("{}")  # a file the export does not own
+    with pytest.raises(InputError, match="overwrite"):
+        save_pipeline(model, ckpt_dir=two_runs[0])
+    assert not (model / "model_index.json").exists()
+    save_pipeline(model, ckpt_dir=two_runs[0], overwrite=True)
+    save_pipeline(model, ckpt_dir=two_runs[0], overwrite=True)  # again: its own entries are replaced
+    assert (model / "judge" / "config.json").read_text() == "{}"
+    assert (model / "model_index.json").is_file() and (model / "unet" / "config.json").is_file()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "a staging folder was left behind"
+
+
+@pytest.mark.parametrize("argv", [["export"], ["eval", "--out", "weights/shapes"]])
+def test_command_line_says_which_folder_flag(argv, capsys):
+    # export writes --out (no default: it never writes into the source tree by itself); eval reads
+    # --model, and an --out given to it (the flag's old meaning) is refused, not silently ignored.
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "--out" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (SHIPPED / "model_index.json").is_file(), reason="weights/shapes not exported yet")
+def test_export_of_the_shipped_components_matches_weights_shapes(tmp_path):
+    # Re-exporting the shipped components (fp16 -> fp16, no change) through save_pretrained must
+    # give the files weights/shapes has: the same JSON, vocabulary and merges, bit-identical
+    # tensors. Two files are written more fully than the shipped ones and are compared by what
+    # they load to: scheduler_config.json lists every DDIM option (the shipped file leaves the
+    # defaults out), the tokenizer files spell out each special token's flags.
+    from safetensors.torch import load_file
+
+    from minidiff.schedulers.ddim import DDIMScheduler
+    from minidiff.tokenizer import CLIPTokenizer
+
+    out = save_pipeline(tmp_path / "pipe", ckpt_dir=SHIPPED)
+    exported = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    by_loading = {Path("scheduler/scheduler_config.json"), Path("tokenizer/special_tokens_map.json"),
+                  Path("tokenizer/tokenizer_config.json")}
+    for rel in exported:
+        mine, shipped = out / rel, SHIPPED / rel
+        assert shipped.is_file(), f"{rel} is not in weights/shapes"
+        if rel in by_loading:
+            continue
+        if rel.suffix == ".json":
+            assert json.loads(mine.read_text()) == json.loads(shipped.read_text()), rel
+        elif rel.suffix == ".safetensors":
+            a, b = load_file(mine), load_file(shipped)
+            assert a.keys() == b.keys(), rel
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{rel}: {k}"
+        else:
+            assert mine.read_bytes() == shipped.read_bytes(), rel
+    assert DDIMScheduler.from_pretrained(out, subfolder="scheduler").config == \
+        DDIMScheduler.from_pretrained(SHIPPED, subfolder="scheduler").config
+    ours, theirs = (CLIPTokenizer.from_pretrained(f, subfolder="tokenizer") for f in (out, SHIPPED))
+    assert [(t.content, t.normalized) for t in ours.added_tokens] == [(t.content, t.normalized) for t in theirs.added_tokens]
+    assert (ours.pad_token, ours.model_max_length) == (theirs.pad_token, theirs.model_max_length)
+    prompts = ["a red circle on a white background", "A BLUE Square <|startoftext|> <|endoftext|>"]
+    assert torch.equal(ours(prompts).input_ids, theirs(prompts).input_ids)
+    transformers = pytest.importorskip("transformers")
+    diffusers = pytest.importorskip("diffusers")
+    public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731
+    assert public(diffusers.DDIMScheduler.from_pretrained(out, subfolder="scheduler").config) == \
+        public(diffusers.DDIMScheduler.from_pretrained(SHIPPED, subfolder="scheduler").config)
+    ours, theirs = (transformers.CLIPTokenizer.from_pretrained(f, subfolder="tokenizer") for f in (out, SHIPPED))
+    assert ours.added_tokens_decoder == theirs.added_tokens_decoder
+    assert ours(prompts, padding="max_length").input_ids == theirs(prompts, padding="max_length").input_ids
 
 
 def compare_pipelines(folder: Path, minidiff_cls, diffusers, steps: int = 3):
@@ -152,5 +232,5 @@ def test_shipped_pipeline_minidiff_matches_diffusers():
     from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 
     compare_pipelines(SHIPPED, StableDiffusionPipeline, diffusers)
-    size_mb = T.folder_size_mb(SHIPPED)
+    size_mb = folder_size_mb(SHIPPED)
     assert size_mb <= 40, f"weights/shapes is {size_mb:.1f} MB; the budget is 40 MB"

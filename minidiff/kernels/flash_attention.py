@@ -20,7 +20,9 @@ Layout of this file
     _bwd_dkdv_kernel / _bwd_dq_kernel   FlashAttention-2's backward: P recomputed from the lse
     check_inputs / unsupported_reason   every ValueError, raised before any launch
     flash_attention  the autograd.Function wrapper: what minidiff's "triton" backend calls
-    reference_attention  plain PyTorch (attention_ref) with the same argument conventions
+The plain-PyTorch truth it is tested against is `attention_ref` in minidiff/models/attention.py,
+which takes the same arguments with the same meaning (masks included); this file imports no model
+code (the models import it, through the dispatcher).
 
 Design choices
     base 2      GPUs have a one-instruction exp2 (PTX ex2.approx); exp(x) compiles to
@@ -35,8 +37,10 @@ Design choices
                 masked (zero) loads; see padded_head_dim. Above 256 the q tile and the fp32
                 accumulator no longer fit the registers: the dispatcher sends those (the VAE's
                 512-wide head) to SDPA.
-    masks       read through their strides, so a (B, 1, 1, Nk) padding mask costs no copy
-                (stride 0 on the broadcast dims); boolean masks keep, float masks are added.
+    masks       broadcast to (B, H, Nq, Nk) as torch reads them (the dispatcher's convention: a
+                2-D mask is (Nq, Nk)), then read through their strides, so a (B, 1, 1, Nk)
+                padding mask costs no copy (stride 0 on the broadcast dims); boolean masks keep,
+                float masks are added.
                 A query that sees no key outputs 0 and its lse is +inf (P = 0 in the backward).
     backward    two kernels (dK/dV over key tiles, dQ over query tiles) instead of atomic adds
                 into dQ: deterministic, no fp32 dQ buffer, at the price of recomputing P and dP.
@@ -349,11 +353,10 @@ def _bwd_dq_kernel(
 def _normalize_mask(mask: torch.Tensor | None, B: int, H: int, n_q: int, n_k: int) -> torch.Tensor | None:
     """Return the mask as a (B, H, Nq, Nk) *view* (stride 0 on broadcast dims, no copy), or raise.
 
-    Accepted: (B, Nk) key padding (True / 0 keeps a key), or any 4-D mask whose dims are 1 or
-    equal to (B, H, Nq, Nk): the (B, 1, 1, Nk) padding masks and CLIP's (B, 1, N, N) masks.
+    The convention of minidiff's `attention()` and of torch broadcasting: the mask's dims align
+    with (B, H, Nq, Nk) from the right, each 1 or the full size. So (Nq, Nk) is shared by every
+    sample and head, (B, 1, 1, Nk) is key padding, (B, 1, Nq, Nk) is CLIP's causal padding mask.
     Boolean masks keep where True; floating masks are added to the scores (0 keeps, -inf drops).
-    Note: a 2-D mask means (B, Nk) here; plain broadcasting would read it as (Nq, Nk), so pass
-    4-D masks to the generic `attention()` dispatcher, where every backend agrees.
     """
     if mask is None:
         return None
@@ -361,17 +364,14 @@ def _normalize_mask(mask: torch.Tensor | None, B: int, H: int, n_q: int, n_k: in
         raise InputError(f"mask should be a torch.Tensor or None, got {type(mask).__name__}.")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise InputError(f"mask should be boolean (True keeps a key) or floating (added to the scores), got {mask.dtype}.")
-    if mask.dim() == 2:
-        if tuple(mask.shape) != (B, n_k):
-            raise InputError(f"A 2-D mask is a key padding mask of shape (batch, keys) = ({B}, {n_k}); got {tuple(mask.shape)}.")
-        mask = mask[:, None, None, :]  # (B, 1, 1, Nk)
-    if mask.dim() != 4 or any(m not in (1, full) for m, full in zip(mask.shape, (B, H, n_q, n_k))):
+    full = (B, H, n_q, n_k)
+    if mask.dim() > 4 or any(m not in (1, f) for m, f in zip(reversed(mask.shape), reversed(full))):
         raise InputError(
             f"mask of shape {tuple(mask.shape)} does not fit attention of (batch, heads, queries, keys) = "
-            f"({B}, {H}, {n_q}, {n_k}): pass (batch, keys) or a 4-D mask whose dims are 1 or those sizes, "
-            f"e.g. ({B}, 1, 1, {n_k}) for key padding."
+            f"{full}: its dims align with those from the right, each 1 or that size (a 2-D mask is "
+            f"(queries, keys)); e.g. ({B}, 1, 1, {n_k}) for key padding."
         )
-    return mask.expand(B, H, n_q, n_k)  # a view: stride 0 where the mask broadcasts
+    return mask.expand(full)  # a view: stride 0 where the mask broadcasts
 
 
 def unsupported_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> str | None:
@@ -525,21 +525,12 @@ def flash_attention(q, k, v, mask=None, causal: bool = False, scale: float | Non
     """softmax(scale * q k^T + mask) v with the Triton kernels, differentiable in q, k, v.
 
     q: (B, H, Nq, d); k, v: (B, H, Nk, d); any strides; float16, bfloat16 or float32; d <= 256.
-    mask: None, (B, Nk) key padding or a 4-D mask broadcasting to (B, H, Nq, Nk); boolean (True
-    keeps) or additive. causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, as
-    `attention_ref`). scale defaults to 1/sqrt(d). Returns (B, H, Nq, d) in q's dtype, contiguous.
-    A query that sees no key at all gets 0 (attention_ref gives NaN there).
+    mask: None, or a mask that broadcasts to (B, H, Nq, Nk) as in `attention()` ((Nq, Nk),
+    (B, 1, 1, Nk) key padding, (B, 1, Nq, Nk), ...); boolean (True keeps) or additive.
+    causal: query i sees keys j <= i + (Nk - Nq) (bottom-right aligned, as `attention_ref`).
+    scale defaults to 1/sqrt(d). Returns (B, H, Nq, d) in q's dtype, contiguous. A query that
+    sees no key at all gets 0 (attention_ref gives NaN there).
     """
     mask = check_inputs(q, k, v, mask, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     return FlashAttentionFunction.apply(q, k, v, mask, bool(causal), scale)
-
-
-def reference_attention(q, k, v, mask=None, causal: bool = False, scale: float | None = None) -> torch.Tensor:
-    """The plain-PyTorch truth the kernel is tested against: minidiff's `attention_ref` (scores
-    written out, softmax in fp32), with flash_attention's mask convention ((B, Nk) = key padding)."""
-    from minidiff.models.attention import attention_ref
-
-    if mask is not None and mask.dim() == 2:
-        mask = mask[:, None, None, :]  # (B, 1, 1, Nk)
-    return attention_ref(q, k, v, mask=mask, causal=causal, scale=scale)

@@ -23,7 +23,7 @@ default) compiled versions of one code object and runs the rest eagerly (with a 
 resnets need 12, so compile_blocks raises the limit to RECOMPILE_LIMIT (64) if it is lower.
 
 Offloading: compile_blocks combines with minidiff.memory.offload's model and group offload (the
-hooks are torch.compiler.disable'd and sit on whole components or blocks); see offload.py.
+hooks are torch.compiler.disable'd and sit on whole components or blocks); see offload/install.py.
 
 References: PyTorch tutorial "Reducing torch.compile cold start compilation time with regional
 compilation"; diffusers' ModelMixin.compile_repeated_blocks (`_repeated_blocks`) and the
@@ -37,6 +37,7 @@ import torch._dynamo
 from torch import nn
 
 from minidiff.errors import InputError
+from minidiff.memory.targets import model_components
 from minidiff.models.clip import CLIPEncoderLayer
 from minidiff.models.resnet import ResnetBlock2D
 from minidiff.models.transformer import BasicTransformerBlock
@@ -47,12 +48,8 @@ RECOMPILE_LIMIT = 64
 
 
 def _modules(target) -> list[nn.Module]:
-    if isinstance(target, nn.Module):
-        return [target]
-    parts = getattr(target, "components", None)
-    if parts is None:
-        raise InputError(f"Expected a pipeline (with .components) or an nn.Module, got {type(target).__name__}.")
-    return [m for m in parts.values() if isinstance(m, nn.Module)]
+    """The model, or each model component of a pipeline (memory/targets.py, shared with offload)."""
+    return [module for _, module in model_components(target)[0]]
 
 
 def compile_blocks(target, block_types: tuple[type[nn.Module], ...] = REPEATED_BLOCKS, **compile_kwargs) -> list[str]:

@@ -17,6 +17,11 @@ Choose globally with `set_attention_backend("math")` or for a block of code with
 Every model calls `attention(q, k, v, ...)` with q, k, v shaped (B, heads, N, d); the module names
 (`to_q`, `to_k`, `to_v`, `to_out.0`) equal the diffusers checkpoint keys.
 
+One mask convention for every backend, the Triton kernel's included: a mask broadcasts to the
+scores' (B, heads, Nq, Nk) as torch broadcasting reads it, aligned at the last dim. So a 2-D mask
+is (Nq, Nk), shared by every sample and head; key padding is (B, 1, 1, Nk); CLIP's causal padding
+mask is (B, 1, N, N). Boolean masks keep where True; floating masks are added to the scores.
+
 Attention slicing (diffusers' `enable_attention_slicing` / `UNet2DConditionModel.set_attention_slice`):
 `set_attention_slice(model, "auto" | "max" | n | None)` sets `Attention.slice_size`, and each layer
 then runs its B*heads (sample, head) pairs through `attention()` n at a time, so the scores of the
@@ -30,6 +35,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from minidiff.errors import InputError
@@ -76,8 +82,8 @@ def attention_ref(
     """Plain attention. q: (B, H, Nq, d), k and v: (B, H, Nk, d) -> (B, H, Nq, d).
 
     `mask` is additive (0 keeps, -inf drops) or boolean (True keeps) and broadcasts to
-    (B, H, Nq, Nk). `causal` lets query i see keys 0..i only. Scores, softmax and the weighted sum
-    are computed in fp32 whatever the input dtype, then cast back.
+    (B, H, Nq, Nk) (the convention above). `causal` lets query i see keys 0..i only. Scores,
+    softmax and the weighted sum are computed in fp32 whatever the input dtype, then cast back.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q.float() @ k.float().transpose(-1, -2)) * scale  # (B, H, Nq, Nk)
@@ -89,28 +95,20 @@ def attention_ref(
     return (probs @ v.float()).to(q.dtype)  # (B, H, Nq, d)
 
 
-def _mask_4d(mask: torch.Tensor | None) -> torch.Tensor | None:
-    """A mask of fewer dims, read as broadcasting reads it: (Nq, Nk) -> (1, 1, Nq, Nk). (The Triton
-    kernel itself would take a 2-D mask as (B, Nk) key padding.)"""
-    if mask is None or mask.dim() >= 4:
-        return mask
-    return mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-
-
 def _resolve(backend: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> str:
     if backend != "auto":
         return backend
     if q.is_cuda:
-        try:
+        try:  # imported here, not at the top: Triton is optional (Linux only) and slow to import
             from minidiff.kernels.flash_attention import unsupported_reason
-        except ImportError:  # no Triton (a Linux-only dependency)
+        except ImportError:  # no Triton
             return "sdpa"
         # The kernel takes head dims up to 256: its query tile and fp32 accumulator hold a whole
         # head row in registers. The VAE's mid-block attention has one 512-wide head (one token
         # per pixel, width = channels), so "auto" sends it, and anything else the kernel refuses,
         # to SDPA. An explicit "triton" request raises the kernel's ValueError instead: a
         # benchmark or test that asks for the kernel must not silently time another one.
-        if unsupported_reason(q, k, v, _mask_4d(mask)) is None:
+        if unsupported_reason(q, k, v, mask) is None:
             return "triton"
     return "sdpa"
 
@@ -130,9 +128,11 @@ def attention(
     if name == "math":
         return attention_ref(q, k, v, mask=mask, causal=causal)
     if name == "triton":
+        # Imported here for the reason given in _resolve: Triton is optional and slow to import.
         from minidiff.kernels.flash_attention import flash_attention
+
         # `upcast` needs nothing here: the kernel never forms fp16 scores (fp32 accumulation).
-        return flash_attention(q, k, v, mask=_mask_4d(mask), causal=causal)
+        return flash_attention(q, k, v, mask=mask, causal=causal)
     dtype = q.dtype
     if upcast:
         q, k, v = q.float(), k.float(), v.float()
@@ -183,6 +183,9 @@ class Attention(nn.Module):
         context = x if context is None else context
         B, N, _ = x.shape
         H, d = self.num_heads, self.head_dim
+        # Split the heads, einops' "b n (h d) -> b h n d": channel h*d + i of the projection is
+        # feature i of head h. A view, no copy. Written with view/transpose, not rearrange, on
+        # this hottest path: rearrange costs ~6 us more per call (benchmarks/layouts.py).
         q = self.to_q(x).view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
         k = self.to_k(context).view(B, -1, H, d).transpose(1, 2)  # (B, H, M, d)
         v = self.to_v(context).view(B, -1, H, d).transpose(1, 2)  # (B, H, M, d)
@@ -192,7 +195,7 @@ class Attention(nn.Module):
             # The same values, slice_size of the B*H (sample, head) pairs per call: the "math"
             # backend's peak score memory drops to slice_size / (B*H) of the call above.
             out = self._sliced_attention(q, k, v, mask)  # (B, H, N, d)
-        out = out.transpose(1, 2).reshape(B, N, H * d)  # (B, N, H*d)
+        out = out.transpose(1, 2).reshape(B, N, H * d)  # merge the heads: "b h n d -> b n (h d)"
         return self.to_out[0](out)
 
     def _sliced_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -213,12 +216,12 @@ class Attention(nn.Module):
         rows, step = B * H, self.slice_size
         if step < 1:
             raise InputError(f"Attention.slice_size must be a positive number of heads, got {step}.")
-        q, k, v = (t.reshape(rows, t.shape[2], d) for t in (q, k, v))  # (B*H, N or M, d)
+        q, k, v = (rearrange(t, "b h n d -> (b h) n d") for t in (q, k, v))  # row r = (r // H, r % H)
         # A mask with a batch or head axis is cut along the same rows as q, k and v; one without
         # (e.g. (Nq, Nk)) is shared by every row and passed on unchanged.
-        per_row = mask is not None and mask.dim() >= 3 and _mask_4d(mask).shape[:2] != (1, 1)
+        per_row = mask is not None and any(size != 1 for size in mask.shape[:-2])
         if per_row:
-            mask = _mask_4d(mask).expand(B, H, *mask.shape[-2:])  # a view: nothing is copied
+            mask = mask.expand(B, H, *mask.shape[-2:])  # (B, H, Nq or 1, Nk), a view: nothing is copied
         out = q.new_empty(rows, N, d)  # attention() returns q's dtype
         for start in range(0, rows, step):
             stop = min(start + step, rows)
@@ -228,7 +231,7 @@ class Attention(nn.Module):
                 m = mask[r // H, r % H].unsqueeze(0)  # (1, stop - start, Nq or 1, Nk): this slice only
             out[start:stop] = attention(q[start:stop].unsqueeze(0), k[start:stop].unsqueeze(0),
                                         v[start:stop].unsqueeze(0), mask=m, upcast=self.upcast)[0]
-        return out.view(B, H, N, d)
+        return rearrange(out, "(b h) n d -> b h n d", b=B)
 
 
 def set_attention_slice(model: nn.Module, slice_size: int | str | None = "auto") -> None:

@@ -53,6 +53,7 @@ from torch import nn
 from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.attention import attention
+from minidiff.single_file import SingleFileMixin
 
 # ----------------------------------------------------------------------------------------------
 # Configs: field names are the config.json keys; defaults are transformers' defaults.
@@ -230,6 +231,10 @@ class CLIPEncoder(nn.Module):
 
 
 class CLIPTextEmbeddings(nn.Module):
+    # forward reads position_embedding.weight itself, not through the Embedding's forward: CPU
+    # offload (minidiff/memory/offload/sequential.py) must move this module with its children.
+    reads_child_weights_directly = True
+
     def __init__(self, config: CLIPTextConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
@@ -289,6 +294,9 @@ class CLIPTextTransformer(nn.Module):
 
 
 class CLIPVisionEmbeddings(nn.Module):
+    # forward reads position_embedding.weight itself (see CLIPTextEmbeddings).
+    reads_child_weights_directly = True
+
     def __init__(self, config: CLIPVisionConfig):
         super().__init__()
         D, p = config.hidden_size, config.patch_size
@@ -335,7 +343,7 @@ class CLIPVisionTransformer(nn.Module):
 # Loading: the pieces the three public models share
 
 
-class _CLIPPretrained(PretrainedMixin):
+class _CLIPPretrained(PretrainedMixin, SingleFileMixin):
     """transformers' file layout (config.json + model.safetensors) for the CLIP models."""
 
     weights_name = "model.safetensors"

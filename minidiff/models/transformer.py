@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from minidiff.errors import InputError
@@ -99,21 +100,18 @@ class SpatialTransformer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        residual = x
-        h = self.norm(x)
+        height = x.shape[2]
+        hidden = self.norm(x)
+        # Pixels become tokens, row by row: token i * W + j is pixel (i, j); channels are features.
         if self.use_linear_projection:
-            h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
-            h = self.proj_in(h)
+            hidden = self.proj_in(rearrange(hidden, "b c h w -> b (h w) c"))
         else:
-            h = self.proj_in(h)
-            h = h.permute(0, 2, 3, 1).reshape(B, H * W, C)  # (B, H*W, C)
+            hidden = rearrange(self.proj_in(hidden), "b c h w -> b (h w) c")
         for block in self.transformer_blocks:
-            h = block(h, context)  # (B, H*W, C)
+            hidden = block(hidden, context)  # (B, H*W, C)
+        # ... and back to an image, contiguous for the convolutions that follow.
         if self.use_linear_projection:
-            h = self.proj_out(h)
-            h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
+            hidden = rearrange(self.proj_out(hidden), "b (h w) c -> b c h w", h=height).contiguous()
         else:
-            h = h.reshape(B, H, W, C).permute(0, 3, 1, 2).contiguous()  # (B, C, H, W)
-            h = self.proj_out(h)
-        return h + residual
+            hidden = self.proj_out(rearrange(hidden, "b (h w) c -> b c h w", h=height).contiguous())
+        return hidden + x

@@ -44,6 +44,7 @@ from minidiff.loading import PretrainedMixin
 from minidiff.models.embeddings import TimestepEmbedding, Timesteps
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from minidiff.models.transformer import SpatialTransformer
+from minidiff.single_file import SingleFileMixin
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
@@ -326,7 +327,7 @@ class UNet2DConditionOutput:
         return (self.sample,)[index]
 
 
-class UNet2DConditionModel(nn.Module, PretrainedMixin):
+class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
     """eps (or v) prediction: unet(x_t, t, text_hidden_states).sample -> (B, out_channels, H, W)."""
 
     config_class = UNet2DConditionConfig

@@ -48,6 +48,7 @@ from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.attention import Attention
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from minidiff.single_file import SingleFileMixin
 
 # Every GroupNorm of the LDM autoencoder uses eps 1e-6 (the PyTorch default is 1e-5).
 NORM_EPS = 1e-6
@@ -290,7 +291,7 @@ class DecoderOutput:
         return (self.sample,)[index]
 
 
-class AutoencoderKL(nn.Module, PretrainedMixin):
+class AutoencoderKL(nn.Module, PretrainedMixin, SingleFileMixin):
     """The SD VAE. `encode(x).latent_dist` -> DiagonalGaussian, `decode(z).sample` -> image,
     `forward(x).sample` -> reconstruction. `return_dict=False` gives 1-tuples instead."""
 

@@ -1,22 +1,22 @@
 """DiffEdit: edit the part of an image that a text query is about, with a mask the model finds.
 
 Couairon, Verbeek, Schwenk & Cord 2022, "DiffEdit: Diffusion-based semantic image editing with
-mask guidance" (arXiv 2210.11427), section 3. Three steps, one method each:
+mask guidance" (arXiv 2210.11427), sec. 3.2 and fig. 2. Three steps, one method each, in this order:
 
-  Step 1  generate_mask   (sec. 3.2, "Step 1: computing editing mask")
-      x_0 = VAE(image); noise it M times to the level t_r of `mask_encode_strength` r:
+  Step 1  generate_mask   ("computing editing mask"; return_maps=True: the maps before the 0.5 cut too)
+      x_0 = VAE(image); noise it K times (k = 1..K) to the level t_r of `mask_encode_strength` r:
           x_t^k = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) noise_k           (DDPM eq. 4)
       map  = mean over k and channels of | eps(x_t^k, t, Q) - eps(x_t^k, t, R) |
              (Q: query = target prompt, R: reference = source prompt)
       map <- clamp(map, 0, ratio * mean(map)) / (ratio * mean(map));   mask = map > 0.5
-  Step 2  invert          (sec. 3.2, "Step 2: encoding")
-      DDIM run backwards (eta = 0, DDIM sec. 4.3) from x_0 to t_r = `inpaint_strength`,
-      keeping x_t after every step: the "encoded" trajectory x_{t_1}, ..., x_{t_r}.
-  Step 3  __call__        (sec. 3.2, "Step 3: decoding with mask guidance")
+  Step 2  invert          ("encoding")
+      DDIM run backwards (eta = 0, DDIM sec. 4.3) from x_0 to t_r of `inpaint_strength`,
+      keeping x_t after every step: the encoded trajectory x_{t_1}, ..., x_{t_r}.
+  Step 3  __call__        ("decoding with mask guidance")
       DDIM (eq. 12) from y_{t_r} = x_{t_r} with the query text; after each step put the encoded
-      latent back outside the mask:   y <- M * y + (1 - M) * x       (paper: y~_t = M y_t + (1-M) x_t)
+      latent back outside the mask:   y <- mask * y + (1 - mask) * x    (paper: y~_t = M y_t + (1 - M) x_t)
 
-Where the latent of the background comes from (`blend`):
+Where the background latent x comes from (`blend`):
     "diffusers"  what diffusers does, reproduced exactly: after the step t_i -> t_{i+1} it blends
                  with x_{t_i}, the encoded latent of the step it came FROM (one step noisier than the
                  y it just produced), and the last step blends with x_{t_1}, never with x_0. The
@@ -24,59 +24,78 @@ Where the latent of the background comes from (`blend`):
     "aligned"    the paper's rule: blend with x_{t_{i+1}} (the same noise level as y), and with
                  the clean x_0 after the last step, so the unmasked region is x_0 exactly.
 
-Notation (code -> paper):  x0 / clean_latents: x_0 = 0.18215 * z, z ~ q(z | image);
-    eps: the UNet's noise prediction eps_theta; g: guidance_scale (CFG, Ho & Salimans 2022);
-    M: num_maps_per_mask; t_r: the timestep of a strength r, i.e. the first of the last
-    int(n * r) timesteps of an n-step DDIM grid (the same rule as img2img).
-
-What diffusers' StableDiffusionDiffEditPipeline (0.42, deprecated) does that surprised us:
-  - generate_mask unpacks encode_prompt's (prompt, negative) the wrong way round, so its
-    "guidance" pushes each prediction towards the NEGATIVE prompt: eps = (1-g) eps(pos) + g eps(neg).
-    When the source and target negatives are the same (the usual case, both "") the negative
-    branch cancels in the difference, the map is only rescaled by (g - 1) / g, and the mask is
-    the same as with correct guidance. With different negatives diffusers' mask equals ours
-    with every prompt swapped with its negative. Here guidance is the usual (1-g) eps(neg) + g eps(pos).
-  - Corollary (true for both): with a shared negative, guidance_scale does not change the mask
-    at all (the map is g * |eps(Q) - eps(R)|, and the normalisation removes g), so we skip
-    the negative branch there: 2 UNet groups instead of diffusers' 4.
-  - generate_mask crashes for guidance_scale <= 1 and for output_type="pil"; a map that is
-    zero everywhere divides 0 by 0 and becomes an all-ones mask. Here: an all-zero mask.
-  - __call__ checks nothing about how the inverted latents were made; other step counts or
-    strengths give a shape error (diffusers issue 5465). `invert` here returns an
-    InversionOutput that remembers its steps, and __call__ says what to change.
-  - __call__ repeats the mask with cat but the latents with repeat_interleave for
-    num_images_per_prompt > 1 (masks and images disagree for batches > 1); binarises a tensor
-    mask in place; ignores its `latents` argument (not offered here).
-  - The inversion regulariser (borrowed from pix2pix-zero, not in the DiffEdit paper) converts a
-    v-prediction to eps with the CFG-doubled latents, which is wrong (or a shape error) under
-    guidance; here the undoubled x_t is used. Its random roll shift can be 0.
+Notation (code -> paper): x0 / clean_latents: x_0 = 0.18215 * z, z ~ q(z | image); eps: the UNet's
+noise prediction eps_theta; g: guidance_scale (CFG, Ho & Salimans 2022); K: num_maps_per_mask,
+the number of noise draws; mask: the paper's M; t_r: the timestep of a strength r, the first of
+the last int(n * r) timesteps of an n-step DDIM grid (img2img's rule, validation.steps_for_strength).
+Masks in and out: pipelines/images.py. The optional regulariser of `invert` (pix2pix-zero, not in
+DiffEdit, off by default): pipelines/inversion_regularizer.py.
 
 References:
-    Couairon et al. 2022, DiffEdit, sec. 3 (above) and fig. 2
+    Couairon et al. 2022, DiffEdit, sec. 3.2 (above) and fig. 2
     Song, Meng & Ermon 2021, DDIM, eq. 12 and sec. 4.3 (minidiff/schedulers/ddim.py)
-    Parmar et al. 2023, "Zero-shot Image-to-Image Translation" (pix2pix-zero), sec. 3.1:
-        the auto-correlation + KL regulariser of the inverted noise
     diffusers' pipeline_stable_diffusion_diffedit.py (behaviour and argument names)
+
+Where diffusers' StableDiffusionDiffEditPipeline (0.42, deprecated) differs; tests/test_diffedit.py
+shows each:
+  - generate_mask unpacks encode_prompt's (prompt, negative) the wrong way round, so it guides
+    towards the negative prompt. With a shared negative (the usual "") that only rescales the
+    map and the mask is the same; with different negatives diffusers' mask is ours with each
+    prompt swapped with its negative. Here guidance is the usual eps(neg) + g (eps(pos) - eps(neg)).
+  - With a shared negative, eps(neg) cancels in the difference and g in the normalisation, so
+    the mask needs 2 UNet groups, not diffusers' 4 (`skip_shared_negative`).
+  - generate_mask crashes for guidance_scale <= 1 and output_type="pil"; a map that is zero
+    everywhere divides 0 by 0 and becomes an all-ones mask. Here: an all-zero mask.
+  - __call__ checks nothing about how the inverted latents were made (other step counts or
+    strengths give a shape error, diffusers issue 5465): here InversionOutput remembers them.
+    It repeats the mask with cat but the latents with repeat_interleave for
+    num_images_per_prompt > 1, binarises a tensor mask in place, and ignores `latents`.
 """
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
-import PIL.Image
 import torch
-import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from minidiff.errors import InputError, NonFiniteError
-from minidiff.pipelines.images import postprocess, preprocess_image
-from minidiff.pipelines.text_to_image import PipelineOutput, StableDiffusionPipeline, check_guidance, randn
+from minidiff.errors import InputError
+from minidiff.loading import read_state_dict
+from minidiff.pipelines.images import (
+    mask_output,
+    postprocess,
+    preprocess_image,
+    preprocess_mask,
+)
+from minidiff.pipelines.inversion_regularizer import regularise
+from minidiff.pipelines.text_to_image import PipelineOutput, StableDiffusionPipeline
+from minidiff.schedulers.base import randn
+from minidiff.schedulers.ddim import DDIMInverseScheduler
+from minidiff.validation import (
+    check_choice,
+    check_guidance,
+    check_number,
+    check_positive_int,
+    steps_for_strength,
+)
 
 BLENDS = ("diffusers", "aligned")
 MASK_CLAMPS = ("batch", "per_image")
+
+
+@dataclass
+class MaskMaps:
+    """What generate_mask(..., return_maps=True) returns: the mask and the maps it was cut from."""
+
+    mask: Any  # generate_mask's usual output (its output_type)
+    differences: torch.Tensor  # (B, K, h, w): |eps_tgt - eps_src| averaged over channels, one per noise draw k
+    guidance_map: torch.Tensor  # (B, h, w): the mean over the K draws and the channels
+    bound: torch.Tensor  # () for mask_clamp="batch", (B, 1, 1) for "per_image": ratio x mean(guidance_map)
+    soft_mask: torch.Tensor  # (B, h, w) in [0, 1]: min(guidance_map, bound) / bound; the mask is soft_mask > 0.5
+    timestep: int  # t_r, the noise level of mask_encode_strength
 
 
 @dataclass
@@ -96,8 +115,6 @@ class InversionOutput:
 
     def save(self, path) -> None:
         """One safetensors file: the latents, x_0 and the timesteps, the settings in its metadata."""
-        from safetensors.torch import save_file
-
         tensors = {"latents": self.latents, "timesteps": self.timesteps}
         if self.clean_latents is not None:
             tensors["clean_latents"] = self.clean_latents
@@ -108,10 +125,6 @@ class InversionOutput:
     def load(cls, path) -> "InversionOutput":
         """Read a file written by `save` (or `minidiff invert`): __call__ then checks that its
         schedule is the one it runs, which raw latents cannot tell."""
-        from safetensors import safe_open
-
-        from minidiff.loading import read_state_dict
-
         tensors = read_state_dict([path])
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -121,99 +134,6 @@ class InversionOutput:
         return cls(latents=tensors["latents"], num_inference_steps=int(meta["num_inference_steps"]),
                    inpaint_strength=float(meta["inpaint_strength"]), timesteps=tensors["timesteps"],
                    clean_latents=tensors.get("clean_latents"))
-
-
-# ----------------------------------------------------------------------------------------------
-# The inversion regulariser (pix2pix-zero, sec. 3.1): push the predicted noise towards i.i.d.
-# N(0, I), so that the inverted latent looks like noise the model was trained on.
-
-
-def auto_corr_loss(eps: torch.Tensor, generator=None) -> torch.Tensor:
-    """Sum over images, channels and pyramid levels of the squared auto-correlation of eps at a
-    random shift r, along H and along W. White noise has none. eps (B, C, h, w)."""
-    loss = eps.new_zeros(())
-    for b in range(eps.shape[0]):
-        g = generator[b] if isinstance(generator, list) else generator
-        for c in range(eps.shape[1]):
-            e = eps[b:b + 1, c:c + 1]  # (1, 1, h, w)
-            while True:  # coarser and coarser levels until the side is <= 8
-                r = int(torch.randint(e.shape[2] // 2, (1,), generator=g,
-                                      device=g.device if g is not None else "cpu"))
-                loss = loss + (e * torch.roll(e, shifts=r, dims=2)).mean() ** 2
-                loss = loss + (e * torch.roll(e, shifts=r, dims=3)).mean() ** 2
-                if e.shape[2] <= 8:
-                    break
-                e = F.avg_pool2d(e, kernel_size=2)  # (1, 1, h/2, w/2)
-    return loss
-
-
-def kl_divergence(eps: torch.Tensor) -> torch.Tensor:
-    """2 KL(N(mu, s^2) || N(0, 1)) = s^2 + mu^2 - 1 - log s^2, with mu, s^2 the mean and
-    (unbiased) variance of all entries of eps."""
-    return eps.var() + eps.mean() ** 2 - 1 - torch.log(eps.var() + 1e-7)
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks in and out
-
-
-def preprocess_mask(mask, batch_size: int, latent_size: tuple[int, int]) -> torch.Tensor:
-    """A mask (PIL, numpy or tensor; (h, w), (B, h, w) or (B, 1, h, w); values in [0, 1]) ->
-    (batch_size, 1, h, w) float of 0/1 (binarised at 0.5). 1 = repaint, 0 = keep."""
-    if mask is None:
-        raise InputError("`mask_image` is required: compute one with `pipe.generate_mask(...)`.")
-    items = list(mask) if isinstance(mask, (list, tuple)) else [mask]
-    if all(isinstance(m, PIL.Image.Image) for m in items):
-        m = torch.from_numpy(np.stack([np.asarray(i.convert("L"), dtype=np.float32) / 255.0 for i in items]))
-    elif all(isinstance(m, (np.ndarray, torch.Tensor)) for m in items):
-        parts = [torch.as_tensor(np.asarray(i)) if isinstance(i, np.ndarray) else i.detach().cpu() for i in items]
-        m = torch.stack(parts) if parts[0].ndim == 2 else torch.cat(parts)  # list of (h, w) or of batches
-        m = m.float()
-    else:
-        raise InputError(f"`mask_image` must be PIL images, numpy arrays or tensors; got {type(items[0]).__name__}.")
-    if m.ndim == 2:
-        m = m[None]  # (h, w) -> (1, h, w)
-    if m.ndim == 4 and m.shape[1] == 1:
-        m = m[:, 0]  # (B, 1, h, w) -> (B, h, w)
-    if m.ndim != 3:
-        raise InputError(f"A mask must be (h, w), (B, h, w) or (B, 1, h, w) (one channel); got shape {tuple(m.shape)}.")
-    if tuple(m.shape[-2:]) != tuple(latent_size):
-        h, w = latent_size
-        raise InputError(
-            f"The mask is {m.shape[-2]}x{m.shape[-1]} but the latents are {h}x{w}: DiffEdit masks live at latent "
-            f"size (the image size divided by vae_scale_factor), as generate_mask returns them."
-        )
-    if not torch.isfinite(m).all():
-        raise NonFiniteError("The mask holds NaN or inf values; a mask must be 0 (keep) or 1 (edit) everywhere.")
-    if m.min() < 0 or m.max() > 1:
-        raise InputError(f"Mask values must be in [0, 1] (1 = edit, 0 = keep); got [{m.min():.3g}, {m.max():.3g}].")
-    if m.shape[0] == 1:
-        m = m.expand(batch_size, -1, -1)
-    elif m.shape[0] != batch_size:
-        raise InputError(f"Got {m.shape[0]} masks for {batch_size} images; pass one mask per image, or one for all.")
-    return (m >= 0.5).float()[:, None]  # (B, 1, h, w), a new tensor: the caller's mask is untouched
-
-
-def _mask_output(mask: torch.Tensor, output_type: str):
-    """(B, h, w) bool -> "np": int64 array of 0/1 (as diffusers); "pt": float tensor;
-    "pil": list of L-mode images with 0/255, ready for other inpainting tools."""
-    if output_type == "np":
-        return mask.long().cpu().numpy()
-    if output_type == "pt":
-        return mask.float()
-    if output_type == "pil":
-        return [PIL.Image.fromarray(m) for m in mask.cpu().numpy().astype(np.uint8) * 255]  # 2-D uint8 -> mode "L"
-    raise InputError(f"output_type for a mask must be 'np', 'pil' or 'pt'; got {output_type!r}.")
-
-
-def _check_strength(value, name: str) -> None:
-    if value is None or not 0.0 <= value <= 1.0:
-        raise InputError(f"`{name}` must be between 0 and 1 (the fraction of the noise schedule to use); got {value}.")
-
-
-def _check_choice(value, name: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"`{name}` must be one of {list(allowed)}; got {value!r}.")
 
 
 class DiffEditPipeline(StableDiffusionPipeline):
@@ -226,14 +146,10 @@ class DiffEditPipeline(StableDiffusionPipeline):
     `inverse_scheduler` (DDIM run backwards) is built from the scheduler's config when not given.
     """
 
-    _share_negative_branch = True  # tests set False to check the shortcut against 4 UNet groups
-
     _diffusers_class_name = "StableDiffusionDiffEditPipeline"
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  inverse_scheduler=None, requires_safety_checker: bool = False):
-        from minidiff.schedulers.ddim import DDIMInverseScheduler
-
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, safety_checker, feature_extractor,
                          requires_safety_checker=requires_safety_checker)
         if inverse_scheduler is None:
@@ -241,27 +157,287 @@ class DiffEditPipeline(StableDiffusionPipeline):
         self.inverse_scheduler = inverse_scheduler
 
     # ------------------------------------------------------------------------------------------
-    # Shared steps
+    # Step 1: the mask
 
-    def _num_steps(self, num_inference_steps: int, strength: float, name: str) -> int:
-        """How many of the n grid steps a strength r uses: int(n * r), as in img2img."""
-        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise InputError(f"`num_inference_steps` must be a positive whole number; got {num_inference_steps!r}.")
-        _check_strength(strength, name)
-        k = min(int(num_inference_steps * strength), num_inference_steps)
-        if k == 0:
-            raise InputError(
-                f"num_inference_steps={num_inference_steps} with {name}={strength} gives "
-                f"int({num_inference_steps} * {strength}) = 0 steps, so no noise would be added; "
-                f"raise `{name}` or `num_inference_steps`."
-            )
-        return k
+    @torch.no_grad()
+    def generate_mask(
+        self,
+        image=None,
+        target_prompt: str | list[str] | None = None,
+        target_negative_prompt: str | list[str] | None = None,
+        target_prompt_embeds: torch.Tensor | None = None,
+        target_negative_prompt_embeds: torch.Tensor | None = None,
+        source_prompt: str | list[str] | None = None,
+        source_negative_prompt: str | list[str] | None = None,
+        source_prompt_embeds: torch.Tensor | None = None,
+        source_negative_prompt_embeds: torch.Tensor | None = None,
+        num_maps_per_mask: int = 10,
+        mask_encode_strength: float = 0.5,
+        mask_thresholding_ratio: float = 3.0,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        mask_clamp: str = "batch",
+        skip_shared_negative: bool = True,
+        return_maps: bool = False,
+    ):
+        """DiffEdit step 1: where do the source and target prompts disagree about the noise?
+
+        Returns the mask at latent size (B, H/f, W/f), f = vae_scale_factor: an int64 numpy array
+        of 0/1 ("np", as diffusers), a list of L-mode PIL images with 0/255 ("pil", for any
+        inpainting tool) or a float tensor ("pt"). 1 marks the region to edit.
+
+        mask_clamp: "batch" clamps every map at `mask_thresholding_ratio` x the mean over the
+            whole batch (diffusers); "per_image" uses each image's own mean, which is what a batch
+            of unrelated images needs (then an image's mask does not depend on its batch-mates).
+        generator: one generator, one per image, or one per noise draw (B * num_maps_per_mask,
+            as diffusers); the posterior samples are drawn first, then the noise.
+        skip_shared_negative: with the same negative prompt for source and target, run 2 UNet
+            groups instead of diffusers' 4 (the same mask, see below); False runs all 4.
+        return_maps: return a MaskMaps instead (the maps before the 0.5 cut, and the mask).
+        """
+        check_positive_int("num_maps_per_mask", num_maps_per_mask)
+        check_number("mask_thresholding_ratio", mask_thresholding_ratio, low=0, low_open=True)
+        check_guidance(guidance_scale)
+        check_choice("mask_clamp", mask_clamp, MASK_CLAMPS)
+        check_choice("output_type", output_type, ("np", "pil", "pt"))
+        k_steps = steps_for_strength(num_inference_steps, mask_encode_strength, "mask_encode_strength")
+        pixels = self._images(image)
+        B, K = pixels.shape[0], num_maps_per_mask
+        do_cfg = guidance_scale > 1.0
+
+        # Text: every prompt repeated K times, once per noise draw: (B*K, 77, D).
+        c_tgt, c_tgt_neg = self._text(target_prompt, target_negative_prompt, target_prompt_embeds,
+                                      target_negative_prompt_embeds, B, K, do_cfg, "target_prompt")
+        c_src, c_src_neg = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
+                                      source_negative_prompt_embeds, B, K, do_cfg, "source_prompt")
+
+        # The noise level t_r: where an n-step DDIM edit of strength r would start.
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        t = self.scheduler.timesteps[num_inference_steps - k_steps]
+
+        # K noisy versions of each image (DDPM eq. 4), each from its own posterior sample z.
+        if isinstance(generator, list) and len(generator) == B and K > 1:
+            generator = [g for g in generator for _ in range(K)]  # one per image -> one per draw
+        x0 = self._encode_image(pixels, generator, repeats=K)  # (B*K, 4, h, w)
+        noise = randn(x0.shape, generator, self.device, x0.dtype)
+        x_t = self.scheduler.add_noise(x0, noise, t).to(self.dtype)
+        x_t = self.scheduler.scale_model_input(x_t, t)
+
+        # eps under the source (R) and target (Q) prompts, with classifier-free guidance
+        # eps = eps(neg) + g (eps(pos) - eps(neg)). With the same negative for both, eps(neg)
+        # cancels in eps_tgt - eps_src = g (eps(Q) - eps(R)), and g cancels in the normalisation
+        # below: two UNet groups give the same mask as four.
+        if not do_cfg or (skip_shared_negative and torch.equal(c_src_neg, c_tgt_neg)):
+            eps = self.unet(torch.cat([x_t, x_t]), t, torch.cat([c_src, c_tgt])).sample  # (2*B*K, 4, h, w)
+            eps_src, eps_tgt = eps.chunk(2)
+        else:
+            eps = self.unet(torch.cat([x_t] * 4), t, torch.cat([c_src_neg, c_src, c_tgt_neg, c_tgt])).sample
+            eps_src_neg, eps_src, eps_tgt_neg, eps_tgt = eps.chunk(4)
+            eps_src = eps_src_neg + guidance_scale * (eps_src - eps_src_neg)
+            eps_tgt = eps_tgt_neg + guidance_scale * (eps_tgt - eps_tgt_neg)
+
+        # Average |difference| over the K draws and the 4 channels, clamp at ratio x mean, rescale
+        # to [0, 1] and binarise at 0.5 (DiffEdit sec. 3.2, step 1).
+        diff = (eps_tgt - eps_src).abs().float()  # (B*K, 4, h, w)
+        self.check_finite(diff, "the DiffEdit mask", 0, 1, t)
+        diff = diff.reshape(B, K, *diff.shape[1:])  # (B, K, 4, h, w)
+        guidance_map = diff.mean(dim=(1, 2))  # (B, h, w)
+        if mask_clamp == "batch":
+            bound = guidance_map.mean() * mask_thresholding_ratio
+        else:
+            bound = guidance_map.mean(dim=(1, 2), keepdim=True) * mask_thresholding_ratio  # (B, 1, 1)
+        # A map that is 0 everywhere (source = target) has bound 0: an empty mask rather than 0 / 0.
+        soft_mask = torch.minimum(guidance_map, bound) / bound.clamp_min(torch.finfo(bound.dtype).tiny)  # in [0, 1]
+        mask = mask_output(soft_mask > 0.5, output_type)  # (B, h, w)
+        if not return_maps:
+            return mask
+        return MaskMaps(mask=mask, differences=diff.mean(dim=2), guidance_map=guidance_map, bound=bound,
+                        soft_mask=soft_mask, timestep=int(t))
+
+    # ------------------------------------------------------------------------------------------
+    # Step 2: encoding by DDIM inversion
+
+    @torch.no_grad()
+    def invert(
+        self,
+        prompt: str | list[str] | None = None,
+        image=None,
+        num_inference_steps: int = 50,
+        inpaint_strength: float = 0.8,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        decode_latents: bool = False,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        lambda_auto_corr: float = 20.0,
+        lambda_kl: float = 20.0,
+        num_reg_steps: int = 0,
+        num_auto_corr_rolls: int = 5,
+    ):
+        """DiffEdit step 2: run DDIM backwards from the image's latent x_0 up to `inpaint_strength`.
+
+        Returns an InversionOutput: `.latents` (B, S, 4, h, w) with S = int(n * inpaint_strength),
+        index 0 the noisiest (diffusers' order), plus `.num_inference_steps`, `.inpaint_strength`,
+        `.timesteps` and `.clean_latents` (x_0). Pass the whole object to __call__.
+
+        num_reg_steps > 0 turns on pix2pix-zero's regulariser of the noise prediction
+        (inversion_regularizer.py; `lambda_auto_corr`, `num_auto_corr_rolls`: auto-correlation;
+        `lambda_kl`: KL to N(0, 1)). Its random shifts come from `generator`, after the posterior
+        sample. callback(i, t, x_t, eps) runs every `callback_steps` steps.
+        """
+        check_positive_int("callback_steps", callback_steps)
+        k_steps = steps_for_strength(num_inference_steps, inpaint_strength, "inpaint_strength")
+        pixels = self._images(image)
+        B = pixels.shape[0]
+        check_guidance(guidance_scale)
+        do_cfg = guidance_scale > 1.0
+
+        x0 = self._encode_image(pixels, generator).to(self.dtype)  # (B, 4, h, w)
+        c, c_neg = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, B, 1, do_cfg)
+        context = torch.cat([c_neg, c]) if do_cfg else c  # (2B, 77, D): unconditional first
+
+        # The k least noisy timesteps of the n-step grid, ascending: t_1 < t_2 < ... < t_r.
+        self.inverse_scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.inverse_scheduler.timesteps[:k_steps]
+
+        x_t = x0
+        trajectory = []
+        for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit invert")):
+            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
+            x_in = self.inverse_scheduler.scale_model_input(x_in, t)
+            eps = self.unet(x_in, t, context).sample  # evaluated at the noisier level t (DDIM sec. 4.3)
+            if do_cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            if num_reg_steps > 0:
+                eps = regularise(eps, x_t, t, self.inverse_scheduler, generator, lambda_auto_corr, lambda_kl,
+                                 num_reg_steps, num_auto_corr_rolls)
+            # DDIM eq. 12 with eta = 0, solved for the noisier sample: x_{t_prev} -> x_t
+            x_t = self.inverse_scheduler.step(eps, t, x_t).prev_sample
+            self.check_finite(x_t, "DiffEdit invert", i, len(timesteps), t)
+            trajectory.append(x_t)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, x_t, eps)
+
+        latents = torch.stack(trajectory[::-1], dim=1)  # (B, k, 4, h, w), noisiest first
+        images = None
+        if decode_latents:
+            images = postprocess(self.decode_latents(latents.flatten(0, 1)), output_type)  # (B*k, ...)
+        if not return_dict:
+            return latents, images
+        return InversionOutput(latents=latents, images=images, num_inference_steps=num_inference_steps,
+                               inpaint_strength=inpaint_strength, timesteps=timesteps.flip(0).cpu(),
+                               clean_latents=x0)
+
+    # ------------------------------------------------------------------------------------------
+    # Step 3: decoding with mask guidance
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        mask_image=None,
+        image_latents: InversionOutput | torch.Tensor | None = None,
+        inpaint_strength: float = 0.8,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 7.5,
+        negative_prompt: str | list[str] | None = None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
+        callback_steps: int = 1,
+        clip_skip: int | None = None,
+        blend: str = "diffusers",
+    ):
+        """DiffEdit step 3: DDIM from the noisiest inverted latent with the target prompt, putting
+        the inverted latents back outside the mask after every step.
+
+        prompt: the target (query) text; negative_prompt: usually the source text.
+        mask_image: generate_mask's output (or any 0/1 mask at latent size; 1 = repaint).
+        image_latents: invert()'s output (preferred: its step count and strength are checked), or
+            its `.latents` tensor (B, S, 4, h, w); invert and this call need the same
+            num_inference_steps and inpaint_strength.
+        blend: "diffusers" blends with the inverted latent of the step just left (one step
+            noisier) and never with x_0, reproducing diffusers exactly; "aligned" blends with
+            the inverted latent at the level just reached and with x_0 at the end, so the
+            unmasked region is the original latent exactly (needs invert()'s output object).
+        num_images_per_prompt > 1 only differs from copies when eta > 0 (DDIM is deterministic).
+        callback(i, t, x_t, eps) runs every `callback_steps` steps. output_type: "pil", "np",
+        "pt" or "latent".
+        """
+        check_choice("blend", blend, BLENDS)
+        check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
+        check_positive_int("callback_steps", callback_steps)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        k_steps = steps_for_strength(num_inference_steps, inpaint_strength, "inpaint_strength")
+        check_guidance(guidance_scale)
+        do_cfg = guidance_scale > 1.0
+
+        # The k least noisy timesteps of the n-step grid, descending: the reverse of invert's.
+        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        timesteps = self.scheduler.timesteps[num_inference_steps - k_steps:]
+        inverted, x0 = self._inverted_latents(image_latents, timesteps, num_inference_steps, inpaint_strength, blend)
+        B, _, _, h, w = inverted.shape
+        mask = preprocess_mask(mask_image, B, (h, w))  # (B, 1, h, w)
+        if not mask.any():
+            warnings.warn("The mask is empty: nothing to edit, the result is the inverted image decoded. Lower "
+                          "mask_thresholding_ratio or raise mask_encode_strength in generate_mask.", stacklevel=2)
+
+        c, c_neg = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, B,
+                              num_images_per_prompt, do_cfg, clip_skip=clip_skip)
+        context = torch.cat([c_neg, c]) if do_cfg else c  # (2N, 77, D), N = B * num_images_per_prompt
+        n = num_images_per_prompt  # copies of each image stay adjacent, like the prompts
+        inverted = inverted.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)  # (N, k, 4, h, w)
+        mask = mask.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)  # (N, 1, h, w)
+        if x0 is not None:
+            x0 = x0.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)
+        step_kwargs = self._step_kwargs(eta, generator)
+
+        y_t = inverted[:, 0].clone()  # start from the encoded x_{t_r}
+        for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit edit")):
+            y_in = torch.cat([y_t, y_t]) if do_cfg else y_t
+            y_in = self.scheduler.scale_model_input(y_in, t)
+            eps = self.unet(y_in, t, context).sample
+            if do_cfg:
+                eps_uncond, eps_text = eps.chunk(2)
+                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
+            y_t = self.scheduler.step(eps, t, y_t, **step_kwargs).prev_sample  # DDIM eq. 12: t_i -> t_{i+1}
+            self.check_finite(y_t, "DiffEdit edit", i, len(timesteps), t)
+            # Mask guidance (DiffEdit step 3): keep the edit inside, the encoded image outside.
+            if blend == "diffusers":
+                background = inverted[:, i]  # x at t_i: the level y_t just LEFT (diffusers)
+            else:
+                background = inverted[:, i + 1] if i + 1 < k_steps else x0  # x at the level y_t is at now
+            y_t = y_t * mask + background * (1 - mask)
+            if callback is not None and i % callback_steps == 0:
+                callback(i, t, y_t, eps)
+
+        if output_type == "latent":
+            images = y_t
+        else:
+            images = postprocess(self.decode_latents(y_t), output_type)
+        return PipelineOutput(images) if return_dict else (images, None)
+
+    # ------------------------------------------------------------------------------------------
+    # What the three steps share: images -> x_0, prompts -> embeddings, inverted latents checked
 
     def _images(self, image) -> torch.Tensor:
         if image is None:
             raise InputError("`image` is required (a PIL image, a numpy array or a tensor, or a list of them).")
         pixels = preprocess_image(image, multiple=1)  # (B, 3, H, W) in [-1, 1]
-        self.check_image_size(*pixels.shape[-2:])  # the one size rule (text_to_image.py)
+        self.check_image_size(*pixels.shape[-2:])  # the one size rule (images.py)
         return pixels
 
     def _encode_image(self, image: torch.Tensor, generator, repeats: int = 1) -> torch.Tensor:
@@ -299,213 +475,6 @@ class DiffEditPipeline(StableDiffusionPipeline):
                 negative_prompt_embeds = negative_prompt_embeds.repeat(batch, 1, 1)
         return self.encode_prompt(prompt, self.device, repeats, do_cfg, negative_prompt, prompt_embeds,
                                   negative_prompt_embeds, clip_skip)
-
-    def _epsilon(self, model_output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
-        """The UNet output as a noise prediction eps, whatever the parameterisation (DDPM eq. 4)."""
-        kind = self.inverse_scheduler.config.prediction_type
-        alpha_bar = self.inverse_scheduler.alphas_cumprod[int(t)]
-        if kind == "epsilon":
-            return model_output
-        if kind == "v_prediction":  # v = sqrt(ab) eps - sqrt(1-ab) x_0  (Salimans & Ho 2022)
-            return alpha_bar**0.5 * model_output + (1 - alpha_bar) ** 0.5 * x_t
-        return (x_t - alpha_bar**0.5 * model_output) / (1 - alpha_bar) ** 0.5  # "sample": x_0
-
-    def _regularise(self, model_output, x_t, t, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
-                    num_auto_corr_rolls) -> torch.Tensor:
-        """Gradient steps on the noise prediction that lower the auto-correlation and KL losses
-        (pix2pix-zero sec. 3.1). The gradients come from autograd through `_epsilon`."""
-        with torch.enable_grad():
-            for _ in range(num_reg_steps):
-                if lambda_auto_corr > 0:
-                    for _ in range(num_auto_corr_rolls):  # each roll draws new random shifts
-                        out = model_output.detach().clone().requires_grad_(True)
-                        loss = auto_corr_loss(self._epsilon(out, x_t, t), generator)
-                        (grad,) = torch.autograd.grad(loss, out)
-                        grad = grad / num_auto_corr_rolls
-                        model_output = model_output - lambda_auto_corr * grad
-                if lambda_kl > 0:
-                    out = model_output.detach().clone().requires_grad_(True)
-                    (grad,) = torch.autograd.grad(kl_divergence(self._epsilon(out, x_t, t)), out)
-                    model_output = model_output - lambda_kl * grad
-        return model_output.detach()
-
-    # ------------------------------------------------------------------------------------------
-    # Step 1: the mask
-
-    @torch.no_grad()
-    def generate_mask(
-        self,
-        image=None,
-        target_prompt: str | list[str] | None = None,
-        target_negative_prompt: str | list[str] | None = None,
-        target_prompt_embeds: torch.Tensor | None = None,
-        target_negative_prompt_embeds: torch.Tensor | None = None,
-        source_prompt: str | list[str] | None = None,
-        source_negative_prompt: str | list[str] | None = None,
-        source_prompt_embeds: torch.Tensor | None = None,
-        source_negative_prompt_embeds: torch.Tensor | None = None,
-        num_maps_per_mask: int = 10,
-        mask_encode_strength: float = 0.5,
-        mask_thresholding_ratio: float = 3.0,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        mask_clamp: str = "batch",
-    ):
-        """DiffEdit step 1: where do the source and target prompts disagree about the noise?
-
-        Returns the mask at latent size (B, H/f, W/f), f = vae_scale_factor: an int64 numpy array
-        of 0/1 ("np", as diffusers), a list of L-mode PIL images with 0/255 ("pil", for any
-        inpainting tool) or a float tensor ("pt"). 1 marks the region to edit.
-
-        mask_clamp: "batch" clamps every map at `mask_thresholding_ratio` x the mean over the
-            whole batch (diffusers); "per_image" uses each image's own mean, which is what a batch
-            of unrelated images needs (then an image's mask does not depend on its batch-mates).
-        generator: one generator, one per image, or one per noise map (B * num_maps_per_mask,
-            as diffusers); the posterior samples are drawn first, then the noise maps.
-        """
-        if isinstance(num_maps_per_mask, bool) or not isinstance(num_maps_per_mask, int) or num_maps_per_mask < 1:
-            raise InputError(f"`num_maps_per_mask` must be a positive whole number; got {num_maps_per_mask!r}.")
-        if mask_thresholding_ratio is None or not math.isfinite(mask_thresholding_ratio) or mask_thresholding_ratio <= 0:
-            raise InputError(f"`mask_thresholding_ratio` must be a positive finite number; got {mask_thresholding_ratio}.")
-        check_guidance(guidance_scale)
-        _check_choice(mask_clamp, "mask_clamp", MASK_CLAMPS)
-        _check_choice(output_type, "output_type", ("np", "pil", "pt"))
-        k = self._num_steps(num_inference_steps, mask_encode_strength, "mask_encode_strength")
-        pixels = self._images(image)
-        B, M = pixels.shape[0], num_maps_per_mask
-        do_cfg = guidance_scale > 1.0
-
-        # Text: every prompt repeated M times, once per noise map: (B*M, 77, D).
-        c_tgt, c_tgt_neg = self._text(target_prompt, target_negative_prompt, target_prompt_embeds,
-                                      target_negative_prompt_embeds, B, M, do_cfg, "target_prompt")
-        c_src, c_src_neg = self._text(source_prompt, source_negative_prompt, source_prompt_embeds,
-                                      source_negative_prompt_embeds, B, M, do_cfg, "source_prompt")
-
-        # The noise level t_r: where an n-step DDIM edit of strength r would start.
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        t = self.scheduler.timesteps[num_inference_steps - k]
-
-        # M noisy versions of each image (DDPM eq. 4), each from its own posterior sample z.
-        if isinstance(generator, list) and len(generator) == B and M > 1:
-            generator = [g for g in generator for _ in range(M)]  # one per image -> one per map
-        x0 = self._encode_image(pixels, generator, repeats=M)  # (B*M, 4, h, w)
-        noise = randn(x0.shape, generator, self.device, x0.dtype)
-        x_t = self.scheduler.add_noise(x0, noise, t).to(self.dtype)
-        x_t = self.scheduler.scale_model_input(x_t, t)
-
-        # eps under the source (R) and target (Q) prompts, with classifier-free guidance
-        # eps = eps(neg) + g (eps(pos) - eps(neg)). With the same negative for both, eps(neg)
-        # cancels in eps_tgt - eps_src = g (eps(Q) - eps(R)), and g cancels in the normalisation
-        # below: two UNet groups give the same mask as four.
-        shared_negative = not do_cfg or (self._share_negative_branch and torch.equal(c_src_neg, c_tgt_neg))
-        if shared_negative:
-            eps = self.unet(torch.cat([x_t, x_t]), t, torch.cat([c_src, c_tgt])).sample  # (2*B*M, 4, h, w)
-            eps_src, eps_tgt = eps.chunk(2)
-        else:
-            eps = self.unet(torch.cat([x_t] * 4), t, torch.cat([c_src_neg, c_src, c_tgt_neg, c_tgt])).sample
-            eps_src_neg, eps_src, eps_tgt_neg, eps_tgt = eps.chunk(4)
-            eps_src = eps_src_neg + guidance_scale * (eps_src - eps_src_neg)
-            eps_tgt = eps_tgt_neg + guidance_scale * (eps_tgt - eps_tgt_neg)
-
-        # Average |difference| over the M maps and the 4 channels, clamp at ratio x mean, rescale
-        # to [0, 1] and binarise at 0.5 (DiffEdit sec. 3.2, step 1).
-        diff = (eps_tgt - eps_src).abs().float()  # (B*M, 4, h, w)
-        self.check_finite(diff, "the DiffEdit mask", 0, 1, t)
-        guidance_map = diff.reshape(B, M, *diff.shape[1:]).mean(dim=(1, 2))  # (B, M, 4, h, w) -> (B, h, w)
-        if mask_clamp == "batch":
-            bound = guidance_map.mean() * mask_thresholding_ratio
-        else:
-            bound = guidance_map.mean(dim=(1, 2), keepdim=True) * mask_thresholding_ratio  # (B, 1, 1)
-        # A map that is 0 everywhere (source = target) has bound 0: an empty mask rather than 0 / 0.
-        scaled = torch.minimum(guidance_map, bound) / bound.clamp_min(torch.finfo(bound.dtype).tiny)  # in [0, 1]
-        mask = scaled > 0.5  # (B, h, w)
-        return _mask_output(mask, output_type)
-
-    # ------------------------------------------------------------------------------------------
-    # Step 2: encoding by DDIM inversion
-
-    @torch.no_grad()
-    def invert(
-        self,
-        prompt: str | list[str] | None = None,
-        image=None,
-        num_inference_steps: int = 50,
-        inpaint_strength: float = 0.8,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        decode_latents: bool = False,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-        callback_steps: int = 1,
-        lambda_auto_corr: float = 20.0,
-        lambda_kl: float = 20.0,
-        num_reg_steps: int = 0,
-        num_auto_corr_rolls: int = 5,
-    ):
-        """DiffEdit step 2: run DDIM backwards from the image's latent x_0 up to `inpaint_strength`.
-
-        Returns an InversionOutput: `.latents` (B, S, 4, h, w) with S = int(n * inpaint_strength),
-        index 0 the noisiest (diffusers' order), plus `.num_inference_steps`, `.inpaint_strength`,
-        `.timesteps` and `.clean_latents` (x_0). Pass the whole object to __call__.
-
-        num_reg_steps > 0 turns on pix2pix-zero's regulariser of the noise prediction
-        (`lambda_auto_corr`, `num_auto_corr_rolls`: auto-correlation; `lambda_kl`: KL to N(0, 1)).
-        Its random shifts come from `generator`, after the posterior sample.
-        callback(i, t, x_t, eps) runs every `callback_steps` steps.
-        """
-        if callback_steps is None or not isinstance(callback_steps, int) or callback_steps < 1:
-            raise InputError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
-        k = self._num_steps(num_inference_steps, inpaint_strength, "inpaint_strength")
-        pixels = self._images(image)
-        B = pixels.shape[0]
-        check_guidance(guidance_scale)
-        do_cfg = guidance_scale > 1.0
-
-        x0 = self._encode_image(pixels, generator).to(self.dtype)  # (B, 4, h, w)
-        c, c_neg = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, B, 1, do_cfg)
-        context = torch.cat([c_neg, c]) if do_cfg else c  # (2B, 77, D): unconditional first
-
-        # The k least noisy timesteps of the n-step grid, ascending: t_1 < t_2 < ... < t_r.
-        self.inverse_scheduler.set_timesteps(num_inference_steps, device=self.device)
-        timesteps = self.inverse_scheduler.timesteps[:k]
-
-        x_t = x0
-        trajectory = []
-        for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit invert")):
-            x_in = torch.cat([x_t, x_t]) if do_cfg else x_t
-            x_in = self.inverse_scheduler.scale_model_input(x_in, t)
-            eps = self.unet(x_in, t, context).sample  # evaluated at the noisier level t (DDIM sec. 4.3)
-            if do_cfg:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            if num_reg_steps > 0:
-                eps = self._regularise(eps, x_t, t, generator, lambda_auto_corr, lambda_kl, num_reg_steps,
-                                       num_auto_corr_rolls)
-            # DDIM eq. 12 with eta = 0, solved for the noisier sample: x_{t_prev} -> x_t
-            x_t = self.inverse_scheduler.step(eps, t, x_t).prev_sample
-            self.check_finite(x_t, "DiffEdit invert", i, len(timesteps), t)
-            trajectory.append(x_t)
-            if callback is not None and i % callback_steps == 0:
-                callback(i, t, x_t, eps)
-
-        latents = torch.stack(trajectory[::-1], dim=1)  # (B, k, 4, h, w), noisiest first
-        images = None
-        if decode_latents:
-            images = postprocess(self.decode_latents(latents.flatten(0, 1)), output_type)  # (B*k, ...)
-        if not return_dict:
-            return latents, images
-        return InversionOutput(latents=latents, images=images, num_inference_steps=num_inference_steps,
-                               inpaint_strength=inpaint_strength, timesteps=timesteps.flip(0).cpu(),
-                               clean_latents=x0)
-
-    # ------------------------------------------------------------------------------------------
-    # Step 3: decoding with mask guidance
 
     def _inverted_latents(self, image_latents, timesteps: torch.Tensor, num_inference_steps: int,
                           inpaint_strength: float, blend: str):
@@ -546,99 +515,6 @@ class DiffEditPipeline(StableDiffusionPipeline):
             raise InputError("blend='aligned' needs the clean latent x_0, which only invert()'s output object "
                              "carries: pass `image_latents=pipe.invert(...)`, not its `.latents`.")
         return latents.detach(), clean
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        mask_image=None,
-        image_latents: InversionOutput | torch.Tensor | None = None,
-        inpaint_strength: float = 0.8,
-        num_inference_steps: int = 50,
-        guidance_scale: float = 7.5,
-        negative_prompt: str | list[str] | None = None,
-        num_images_per_prompt: int = 1,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        callback: Callable[[int, int, torch.Tensor, torch.Tensor], None] | None = None,
-        callback_steps: int = 1,
-        clip_skip: int | None = None,
-        blend: str = "diffusers",
-    ):
-        """DiffEdit step 3: DDIM from the noisiest inverted latent with the target prompt, putting
-        the inverted latents back outside the mask after every step.
-
-        prompt: the target (query) text; negative_prompt: usually the source text.
-        mask_image: generate_mask's output (or any 0/1 mask at latent size; 1 = repaint).
-        image_latents: invert()'s output (preferred: its step count and strength are checked), or
-            its `.latents` tensor (B, S, 4, h, w); invert and this call need the same
-            num_inference_steps and inpaint_strength.
-        blend: "diffusers" blends with the inverted latent of the step just left (one step
-            noisier) and never with x_0, reproducing diffusers exactly; "aligned" blends with
-            the inverted latent at the level just reached and with x_0 at the end, so the
-            unmasked region is the original latent exactly (needs invert()'s output object).
-        num_images_per_prompt > 1 only differs from copies when eta > 0 (DDIM is deterministic).
-        callback(i, t, x_t, eps) runs every `callback_steps` steps. output_type: "pil", "np",
-        "pt" or "latent".
-        """
-        _check_choice(blend, "blend", BLENDS)
-        _check_choice(output_type, "output_type", ("pil", "np", "pt", "latent"))
-        if callback_steps is None or not isinstance(callback_steps, int) or callback_steps < 1:
-            raise InputError(f"`callback_steps` must be a positive whole number; got {callback_steps!r}.")
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise InputError(f"`num_images_per_prompt` must be a positive whole number; got {num_images_per_prompt!r}.")
-        k = self._num_steps(num_inference_steps, inpaint_strength, "inpaint_strength")
-        check_guidance(guidance_scale)
-        do_cfg = guidance_scale > 1.0
-
-        # The k least noisy timesteps of the n-step grid, descending: the reverse of invert's.
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
-        timesteps = self.scheduler.timesteps[num_inference_steps - k:]
-        inverted, x0 = self._inverted_latents(image_latents, timesteps, num_inference_steps, inpaint_strength, blend)
-        B, _, _, h, w = inverted.shape
-        mask = preprocess_mask(mask_image, B, (h, w))  # (B, 1, h, w)
-        if not mask.any():
-            warnings.warn("The mask is empty: nothing to edit, the result is the inverted image decoded. Lower "
-                          "mask_thresholding_ratio or raise mask_encode_strength in generate_mask.", stacklevel=2)
-
-        c, c_neg = self._text(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, B,
-                              num_images_per_prompt, do_cfg, clip_skip=clip_skip)
-        context = torch.cat([c_neg, c]) if do_cfg else c  # (2N, 77, D), N = B * num_images_per_prompt
-        n = num_images_per_prompt  # copies of each image stay adjacent, like the prompts
-        inverted = inverted.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)  # (N, k, 4, h, w)
-        mask = mask.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)  # (N, 1, h, w)
-        if x0 is not None:
-            x0 = x0.repeat_interleave(n, dim=0).to(device=self.device, dtype=c.dtype)
-        step_kwargs = self._step_kwargs(eta, generator)
-
-        y_t = inverted[:, 0].clone()  # start from the encoded x_{t_r}
-        for i, t in enumerate(self.progress_bar(timesteps, desc="DiffEdit edit")):
-            y_in = torch.cat([y_t, y_t]) if do_cfg else y_t
-            y_in = self.scheduler.scale_model_input(y_in, t)
-            eps = self.unet(y_in, t, context).sample
-            if do_cfg:
-                eps_uncond, eps_text = eps.chunk(2)
-                eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
-            y_t = self.scheduler.step(eps, t, y_t, **step_kwargs).prev_sample  # DDIM eq. 12: t_i -> t_{i+1}
-            self.check_finite(y_t, "DiffEdit edit", i, len(timesteps), t)
-            # Mask guidance (DiffEdit step 3): keep the edit inside, the encoded image outside.
-            if blend == "diffusers":
-                background = inverted[:, i]  # x at t_i: the level y_t just LEFT (diffusers)
-            else:
-                background = inverted[:, i + 1] if i + 1 < k else x0  # x at the level y_t is at now
-            y_t = y_t * mask + background * (1 - mask)
-            if callback is not None and i % callback_steps == 0:
-                callback(i, t, y_t, eps)
-
-        if output_type == "latent":
-            images = y_t
-        else:
-            images = postprocess(self.decode_latents(y_t), output_type)
-        return PipelineOutput(images) if return_dict else (images, None)
 
 
 # diffusers names this pipeline StableDiffusionDiffEditPipeline; the same class under that name, so

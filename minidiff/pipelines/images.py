@@ -6,6 +6,11 @@ Pipelines accept what diffusers accepts and return what it returns:
     torch tensor                  (3, H, W) or (B, 3, H, W); values in [-1, 1], or in [0, 1] (then
                                   rescaled, as diffusers' VaeImageProcessor does when min >= 0)
 Inside, an image is a float tensor (B, 3, H, W) in [-1, 1]: the range the VAE was trained on.
+
+Masks (DiffEdit) live at latent size (h, w) = (H, W) / vae_scale_factor, 1 = edit, 0 = keep:
+    preprocess_mask   PIL, numpy or tensor; (h, w), (B, h, w) or (B, 1, h, w) -> (B, 1, h, w) of 0/1
+    mask_output       (B, h, w) bool -> int64 numpy ("np", as diffusers), float tensor ("pt") or
+                      L-mode PIL images of 0/255 ("pil")
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from minidiff.errors import InputError
+from minidiff.errors import InputError, NonFiniteError
 
 
 def _to_list(image):
@@ -98,6 +103,55 @@ def postprocess(image: torch.Tensor, output_type: str = "pil"):
     if output_type == "pil":
         return numpy_to_pil(array)
     raise InputError(f"output_type must be 'pil', 'np', 'pt' or 'latent'; got {output_type!r}.")
+
+
+def preprocess_mask(mask, batch_size: int, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A mask (PIL, numpy or tensor; (h, w), (B, h, w) or (B, 1, h, w); values in [0, 1]) ->
+    (batch_size, 1, h, w) float of 0/1 (binarised at 0.5). 1 = repaint, 0 = keep."""
+    if mask is None:
+        raise InputError("`mask_image` is required: compute one with `pipe.generate_mask(...)`.")
+    items = _to_list(mask)
+    if all(isinstance(m, PIL.Image.Image) for m in items):
+        m = torch.from_numpy(np.stack([np.asarray(i.convert("L"), dtype=np.float32) / 255.0 for i in items]))
+    elif all(isinstance(m, (np.ndarray, torch.Tensor)) for m in items):
+        parts = [torch.as_tensor(np.asarray(i)) if isinstance(i, np.ndarray) else i.detach().cpu() for i in items]
+        m = torch.stack(parts) if parts[0].ndim == 2 else torch.cat(parts)  # list of (h, w) or of batches
+        m = m.float()
+    else:
+        raise InputError(f"`mask_image` must be PIL images, numpy arrays or tensors; got {type(items[0]).__name__}.")
+    if m.ndim == 2:
+        m = m[None]  # (h, w) -> (1, h, w)
+    if m.ndim == 4 and m.shape[1] == 1:
+        m = m[:, 0]  # (B, 1, h, w) -> (B, h, w)
+    if m.ndim != 3:
+        raise InputError(f"A mask must be (h, w), (B, h, w) or (B, 1, h, w) (one channel); got shape {tuple(m.shape)}.")
+    if tuple(m.shape[-2:]) != tuple(latent_size):
+        h, w = latent_size
+        raise InputError(
+            f"The mask is {m.shape[-2]}x{m.shape[-1]} but the latents are {h}x{w}: DiffEdit masks live at latent "
+            f"size (the image size divided by vae_scale_factor), as generate_mask returns them."
+        )
+    if not torch.isfinite(m).all():
+        raise NonFiniteError("The mask holds NaN or inf values; a mask must be 0 (keep) or 1 (edit) everywhere.")
+    if m.min() < 0 or m.max() > 1:
+        raise InputError(f"Mask values must be in [0, 1] (1 = edit, 0 = keep); got [{m.min():.3g}, {m.max():.3g}].")
+    if m.shape[0] == 1:
+        m = m.expand(batch_size, -1, -1)
+    elif m.shape[0] != batch_size:
+        raise InputError(f"Got {m.shape[0]} masks for {batch_size} images; pass one mask per image, or one for all.")
+    return (m >= 0.5).float()[:, None]  # (B, 1, h, w), a new tensor: the caller's mask is untouched
+
+
+def mask_output(mask: torch.Tensor, output_type: str):
+    """(B, h, w) bool -> "np": int64 array of 0/1 (as diffusers); "pt": float tensor;
+    "pil": list of L-mode images with 0/255, ready for other inpainting tools."""
+    if output_type == "np":
+        return mask.long().cpu().numpy()
+    if output_type == "pt":
+        return mask.float()
+    if output_type == "pil":
+        return [PIL.Image.fromarray(m) for m in mask.cpu().numpy().astype(np.uint8) * 255]  # 2-D uint8 -> mode "L"
+    raise InputError(f"output_type for a mask must be 'np', 'pil' or 'pt'; got {output_type!r}.")
 
 
 def mask_overlay(image: PIL.Image.Image, mask, color=(255, 40, 40), alpha: float = 0.5) -> PIL.Image.Image:

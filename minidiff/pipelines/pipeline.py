@@ -22,6 +22,7 @@ Folder layout (diffusers):
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import os
 import shutil
@@ -33,8 +34,20 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from minidiff.errors import InputError
+from minidiff.errors import InputError, NonFiniteError
 from minidiff.loading import read_json, refuse_pickled, resolve_folder, write_json
+from minidiff.memory.nf4 import NF4_LAYERS, load_quantized, save_quantized
+from minidiff.models.attention import set_attention_backend, set_attention_slice
+from minidiff.models.clip import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionModelWithProjection,
+)
+from minidiff.models.unet import UNet2DConditionModel
+from minidiff.models.vae import AutoencoderKL
+from minidiff.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
+from minidiff.schedulers.ddpm import DDPMScheduler
+from minidiff.tokenizer import CLIPTokenizer
 
 # Components diffusers' SD pipelines take that minidiff does not have. A folder may list them; a
 # caller may pass them as None (`safety_checker=None`, as diffusers' docs do), nothing else.
@@ -43,13 +56,6 @@ ABSENT_COMPONENTS = ("safety_checker", "feature_extractor")
 
 def component_class(class_name: str) -> tuple[type, str]:
     """model_index.json's class name -> (minidiff class, the library name written back on save)."""
-    from minidiff.models.clip import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
-    from minidiff.models.unet import UNet2DConditionModel
-    from minidiff.models.vae import AutoencoderKL
-    from minidiff.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
-    from minidiff.schedulers.ddpm import DDPMScheduler
-    from minidiff.tokenizer import CLIPTokenizer
-
     known = {
         "UNet2DConditionModel": (UNet2DConditionModel, "diffusers"),
         "AutoencoderKL": (AutoencoderKL, "diffusers"),
@@ -72,25 +78,35 @@ def component_class(class_name: str) -> tuple[type, str]:
                      f"it has {sorted(known)} (and reads any *Scheduler config as DDIM).")
 
 
-def pipeline_classes() -> dict[str, type]:
-    """_class_name in model_index.json -> minidiff pipeline class."""
-    from minidiff.pipelines.diffedit import DiffEditPipeline
-    from minidiff.pipelines.text_to_image import StableDiffusionPipeline
+# _class_name in model_index.json -> (module, class) of the minidiff pipeline that reads it. Names,
+# not imports: the pipelines import this base class, so importing them here would close a circle;
+# a class is imported only when a folder asks for it (as minidiff/__init__.py does for every name).
+PIPELINE_CLASSES = {
+    "StableDiffusionPipeline": ("minidiff.pipelines.text_to_image", "StableDiffusionPipeline"),
+    "StableDiffusionDiffEditPipeline": ("minidiff.pipelines.diffedit", "DiffEditPipeline"),
+    "DiffEditPipeline": ("minidiff.pipelines.diffedit", "DiffEditPipeline"),
+}
 
-    return {"StableDiffusionPipeline": StableDiffusionPipeline,
-            "StableDiffusionDiffEditPipeline": DiffEditPipeline,
-            "DiffEditPipeline": DiffEditPipeline}
+
+def pipeline_class(name: str) -> type:
+    """The minidiff pipeline class for a model_index.json `_class_name` (one of PIPELINE_CLASSES)."""
+    module, attribute = PIPELINE_CLASSES[name]
+    return getattr(importlib.import_module(module), attribute)
 
 
 def _nf4_layers(module: nn.Module) -> bool:
-    from minidiff.memory.nf4 import NF4_LAYERS
-
     return any(isinstance(m, NF4_LAYERS) for m in module.modules())
 
 
 class DiffusionPipeline:
     # model_index.json's _class_name for this class (diffusers' name, so diffusers loads it back).
     _diffusers_class_name: str = "DiffusionPipeline"
+
+    # Where the sampling loop runs while CPU offload is installed: the accelerator the weights
+    # visit to compute (diffusers' `_execution_device`). The offload hooks set it on install and
+    # reset it to None on removal (minidiff/memory/offload/install.py); None: no offload, the loop
+    # runs where the weights are. Read through `device`.
+    execution_device: torch.device | None = None
 
     # ------------------------------------------------------------------------------------------
     # Components
@@ -130,11 +146,10 @@ class DiffusionPipeline:
         index = read_json(root, "model_index.json")
         if cls is DiffusionPipeline:
             name = index.get("_class_name")
-            classes = pipeline_classes()
-            if name not in classes:
+            if name not in PIPELINE_CLASSES:
                 raise InputError(f"model_index.json in {str(root)!r} names the pipeline {name!r}; minidiff has "
-                                 f"{sorted(classes)}.")
-            cls = classes[name]
+                                 f"{sorted(PIPELINE_CLASSES)}.")
+            cls = pipeline_class(name)
 
         wanted = cls.component_names()
         unknown = sorted(set(components) - set(wanted) - set(ABSENT_COMPONENTS))
@@ -167,8 +182,6 @@ class DiffusionPipeline:
         saved_quantization = config.get("quantization_config")
         if saved_quantization and saved_quantization.get("quant_method") == "minidiff_nf4":
             # Written by save_pretrained of a quantized pipeline: the NF4 layers come back as they were.
-            from minidiff.memory.nf4 import load_quantized
-
             with torch.device("meta"):
                 model = component_cls.from_config(config)
             return load_quantized(model, root / name / component_cls.weights_name).eval()
@@ -216,8 +229,6 @@ class DiffusionPipeline:
             else:
                 component.save_pretrained(folder)
             return
-        from minidiff.memory.nf4 import save_quantized
-
         component.save_pretrained(folder)  # config.json (the weights file is replaced below)
         config = read_json(folder, component.config_name)
         quantization = getattr(component, "_minidiff_quantization", None)
@@ -241,11 +252,10 @@ class DiffusionPipeline:
 
     @property
     def device(self) -> torch.device:
-        """Where the sampling loop runs. With CPU offloading (minidiff/memory/offload.py) the weights
-        live on the CPU between calls, so the offload hooks record the execution device here."""
-        offload_device = getattr(self, "_offload_device", None)
-        if offload_device is not None:
-            return offload_device
+        """Where the sampling loop runs: `execution_device` while CPU offload is installed (the
+        weights live on the CPU between calls), else where the first component's weights are."""
+        if self.execution_device is not None:
+            return self.execution_device
         return next(next(iter(self._model_components().values())).parameters()).device
 
     @property
@@ -253,12 +263,13 @@ class DiffusionPipeline:
         return next(next(iter(self._model_components().values())).parameters()).dtype
 
     # ------------------------------------------------------------------------------------------
-    # Memory: thin calls into minidiff/memory and the models' own switches
+    # Memory: thin calls into minidiff/memory and the models' own switches. minidiff.memory is
+    # imported in the methods: it imports torch._dynamo (~2 s), which only its users should pay.
 
     @staticmethod
     def _accelerator(device, gpu_id: int | None = None) -> str | torch.device:
         # diffusers picks the accelerator when `device` is None and refuses without one. minidiff
-        # offloads to the CPU instead (a rehearsal that saves nothing; offload.py warns), so a
+        # offloads to the CPU instead (a rehearsal that saves nothing; memory/offload warns), so a
         # diffusers snippet still runs, and can be traced, on a CPU-only machine.
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -281,7 +292,10 @@ class DiffusionPipeline:
                              non_blocking: bool = False, use_stream: bool = False, **unsupported):
         """Groups of blocks ("block_level", `num_blocks_per_group` each) or single leaf modules
         ("leaf_level") on `onload_device` only while they compute."""
-        from minidiff.memory.offload import apply_group_offloading, enable_sequential_cpu_offload
+        from minidiff.memory.offload import (
+            apply_group_offloading,
+            enable_sequential_cpu_offload,
+        )
 
         if unsupported:
             raise InputError(f"enable_group_offload: {sorted(unsupported)} are not supported by minidiff's group offload.")
@@ -313,8 +327,6 @@ class DiffusionPipeline:
 
     def enable_attention_slicing(self, slice_size: str | int | None = "auto") -> None:
         """Compute attention a slice of heads at a time ("auto": half the heads, "max": one)."""
-        from minidiff.models.attention import set_attention_slice
-
         set_attention_slice(self.unet, slice_size)
 
     def disable_attention_slicing(self) -> None:
@@ -325,8 +337,6 @@ class DiffusionPipeline:
         matrix, is minidiff's default backend "auto" (PyTorch SDPA's fused kernels, or minidiff's
         Triton flash kernel on CUDA): this selects "auto" (global, minidiff.set_attention_backend)
         and turns attention slicing off, as diffusers does when it switches to xFormers."""
-        from minidiff.models.attention import set_attention_backend
-
         if attention_op is not None:
             raise InputError("attention_op is an xFormers operator; minidiff has no xFormers, pass none.")
         set_attention_backend("auto")
@@ -358,8 +368,6 @@ class DiffusionPipeline:
         """Raise NonFiniteError when `x` (the latents after a step of `stage`) holds NaN or inf.
         Without this a NaN flows through every later step and the VAE returns a black image."""
         if not torch.isfinite(x).all():
-            from minidiff.errors import NonFiniteError
-
             raise NonFiniteError(
                 f"The latents stopped being finite (NaN or inf) at step {step + 1} of {total} of {stage} "
                 f"(t={int(t)}): the UNet's output was not finite. Its weights may hold NaN or inf (`minidiff check "

@@ -18,8 +18,8 @@ Reference: diffusers' StableDiffusionPipeline (same argument names and defaults)
 from __future__ import annotations
 
 import inspect
-import math
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -30,6 +30,7 @@ from minidiff.errors import InputError
 from minidiff.pipelines.images import check_image_size, postprocess
 from minidiff.pipelines.pipeline import DiffusionPipeline
 from minidiff.schedulers.base import randn
+from minidiff.validation import check_guidance, check_positive_int
 
 
 @dataclass
@@ -51,21 +52,11 @@ def _as_list(prompt: str | list[str] | None) -> list[str] | None:
 def _caller_stacklevel() -> int:
     """The stacklevel of the first frame outside minidiff and torch (whose no_grad wrappers sit
     between a user's call and the pipeline), so a warning names the user's line."""
-    import sys
-
     skip = (os.path.dirname(os.path.dirname(__file__)), os.path.dirname(torch.__file__))
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame, level = frame.f_back, level + 1
     return level
-
-
-def check_guidance(guidance_scale) -> None:
-    """guidance_scale w of eq. 6: any finite w >= 0; w <= 1 means no guidance (diffusers' rule)."""
-    if (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
-            or not math.isfinite(guidance_scale) or guidance_scale < 0):
-        raise InputError(f"`guidance_scale` must be a finite number >= 0 (1 or less turns guidance off); "
-                         f"got {guidance_scale!r}.")
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -220,13 +211,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
         height = self._default_size if height is None else height
         width = self._default_size if width is None else width
         self.check_image_size(height, width, "width x height")
-        if num_inference_steps < 1:
-            raise InputError(f"num_inference_steps must be at least 1; got {num_inference_steps}.")
+        check_positive_int("num_inference_steps", num_inference_steps)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
+        check_positive_int("callback_steps", callback_steps)
+        check_guidance(guidance_scale)
         if prompt is not None and prompt_embeds is not None:
             raise InputError("Pass `prompt` or `prompt_embeds`, not both.")
-        check_guidance(guidance_scale)
-        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise InputError(f"`num_images_per_prompt` must be a positive whole number; got {num_images_per_prompt!r}.")
         device = self.device
         do_cfg = guidance_scale > 1.0
 

@@ -41,15 +41,13 @@ import torch
 from minidiff.errors import InputError
 from minidiff.loading import read_json, resolve_folder, write_json
 from minidiff.schedulers.betas import make_betas
+from minidiff.validation import (
+    check_choice,  # re-exported: the schedulers' option checks
+)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 CONFIG_NAME = "scheduler_config.json"
-
-
-def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise InputError(f"Unknown {name} {value!r}; expected one of {list(allowed)}.")
 
 
 class SchedulerConfig(dict):
@@ -239,11 +237,12 @@ class Scheduler:
     # ------------------------------------------------------------------------------------------
     # Model output -> x_0 and eps
 
-    def _x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: float):
+    def predict_x0_and_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, alpha_bar_t: float):
         """Read the network output as x_0 and eps at noise level alpha_bar_t.
 
         Every parameterisation describes the same x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
-        (DDPM eq. 4); given x_t and one of the three, the other two follow.
+        (DDPM eq. 4); given x_t and one of the three, the other two follow. Public: DiffEdit's
+        inversion regulariser reads eps from a model output through it.
         """
         sqrt_ab, sqrt_1m_ab = alpha_bar_t**0.5, (1 - alpha_bar_t) ** 0.5
         # Under a zero-terminal-SNR schedule (Lin et al. 2023) alpha_bar_T = 0: x_T holds no signal,

@@ -100,7 +100,7 @@ class DDIMScheduler(Scheduler):
 
         # eq. 9 / first term of eq. 12: the model's x_0 and eps (any prediction_type), then
         # optional clipping or dynamic thresholding of x_0.
-        x0, eps = self._x0_and_eps(model_output, x_t, alpha_bar_t)
+        x0, eps = self.predict_x0_and_eps(model_output, x_t, alpha_bar_t)
         x0 = self._clip_or_threshold(x0)
         if use_clipped_model_output:  # eps consistent with the clipped x0 (as GLIDE does)
             eps = (x_t - alpha_bar_t**0.5 * x0) / (1 - alpha_bar_t) ** 0.5
@@ -197,7 +197,7 @@ class DDIMInverseScheduler(Scheduler):
         alpha_bar_t = self._alpha_bar(t) if t >= 0 else float(self.initial_alpha_cumprod)
         alpha_bar_next = self._alpha_bar(t_next)
 
-        x0, eps = self._x0_and_eps(model_output, x_t, alpha_bar_t)
+        x0, eps = self.predict_x0_and_eps(model_output, x_t, alpha_bar_t)
         x0 = self._clip_or_threshold(x0)
         # eq. 12 with sigma_t = 0, from t to t_next: the same x0 and eps, at the noisier level
         x_next = alpha_bar_next**0.5 * x0 + (1 - alpha_bar_next) ** 0.5 * eps

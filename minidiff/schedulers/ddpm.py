@@ -37,7 +37,8 @@ import numpy as np
 import torch
 
 from minidiff.errors import InputError
-from minidiff.schedulers.base import Scheduler, SchedulerOutput, check_choice
+from minidiff.schedulers.base import Scheduler, SchedulerOutput
+from minidiff.validation import check_choice
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -152,7 +153,7 @@ class DDPMScheduler(Scheduler):
         beta_t = 1 - alpha_t
 
         # eq. 15 (or the v / x_0 parameterisation), then optional clipping / thresholding
-        x0, _ = self._x0_and_eps(model_output, x_t, alpha_bar_t)
+        x0, _ = self.predict_x0_and_eps(model_output, x_t, alpha_bar_t)
         x0 = self._clip_or_threshold(x0)
 
         # eq. 7: posterior mean of q(x_{t-1} | x_t, x_0)

@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 from typing import Iterator
 
 import numpy as np
@@ -443,8 +444,6 @@ def scene_batches(seed: int = 0, batch_size: int = 32, num_objects: int | None =
 
 
 if __name__ == "__main__":  # speed check: python -m minidiff.training.shapes.data
-    import time
-
     batches = scene_batches(0, 64)
     next(batches)
     t0 = time.perf_counter()

@@ -1,5 +1,12 @@
-"""Judge-scored quality of the shapes world: text-to-image and DiffEdit.
+"""Held-out quality of the shapes world: each trained component, then the pipelines, judge-scored.
 
+Every function takes the model folder or the model it scores; the judge comes from
+`<model folder>/judge` (judge.py) or is passed in.
+
+    evaluate_vae            a VAE just trained (in memory): PSNR of held-out reconstructions and
+                            the judge's accuracy on them and on the originals
+    evaluate_vae_psnr       the same PSNR for the VAE of a model folder
+    evaluate_clip           a CLIP just trained: held-out image <-> caption retrieval top-1
     evaluate_text_to_image  held-out single-object prompts -> images; the judge names the colour
                             and shape of the one object it finds; accuracy of each and of both.
     evaluate_diffedit       held-out edit cases (`edit_pairs`): DiffEdit mask, inversion and
@@ -14,7 +21,8 @@
         other kept          two-object scenes: the judge still sees the other object's colour
                             and shape in its box
 
-Everything is seeded; tests/test_shapes_quality.py runs these on a small fixed sample.
+Everything is seeded; tests/test_shapes_quality.py runs these on a small fixed sample, and the
+command line (train.py) runs them after training (`vae`, `clip`) or on a folder (`eval`, `eval-edit`).
 """
 
 from __future__ import annotations
@@ -27,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from minidiff.models.vae import AutoencoderKL
+from minidiff.pipelines.diffedit import DiffEditPipeline
+from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 from minidiff.training.shapes.data import edit_pairs, held_out_scenes, scenes_to_tensor
-
-SHAPES_MODEL = Path(__file__).resolve().parents[3] / "weights" / "shapes"
+from minidiff.training.shapes.judge import ShapesJudge, evaluate_judge, load_judge
+from minidiff.training.shapes.train_clip import ShapesCLIP, load_tokenizer, scene_key
 
 # DiffEdit settings for the shapes world. From diffusers' defaults: 25 instead of 50 DDIM steps
 # (plenty on 16x16 latents); mask_encode_strength 0.7 and mask_thresholding_ratio 4.0 instead of
@@ -52,12 +63,9 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def evaluate_text_to_image(folder=SHAPES_MODEL, n: int = 200, steps: int = 25, guidance_scale: float = 6.0,
+def evaluate_text_to_image(folder, n: int = 200, steps: int = 25, guidance_scale: float = 6.0,
                            seed: int = 0, batch_size: int = 25, progress: bool = True) -> dict:
     """Single-object held-out prompts ("a red circle on a white background") -> images -> judge."""
-    from minidiff.pipelines.text_to_image import StableDiffusionPipeline
-    from minidiff.training.shapes.judge import load_judge
-
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge(Path(folder) / "judge")
@@ -77,7 +85,7 @@ def evaluate_text_to_image(folder=SHAPES_MODEL, n: int = 200, steps: int = 25, g
 
 
 @torch.no_grad()
-def evaluate_diffedit(folder=SHAPES_MODEL, n: int = 200, seed: int = 0, batch_size: int = 20,
+def evaluate_diffedit(folder, n: int = 200, seed: int = 0, batch_size: int = 20,
                       blends: tuple[str, ...] = ("diffusers", "aligned"), settings: dict | None = None,
                       progress: bool = True, return_images: bool = False) -> dict:
     """DiffEdit on `edit_pairs(n, seed)`; returns the mean of each score per blend mode.
@@ -85,9 +93,6 @@ def evaluate_diffedit(folder=SHAPES_MODEL, n: int = 200, seed: int = 0, batch_si
     The mask and the inversion are computed once per case and shared by both blend modes (they
     only differ in the masked denoising loop). Masks use mask_clamp="per_image", so a case's
     mask does not depend on which other cases share its batch."""
-    from minidiff.pipelines.diffedit import DiffEditPipeline
-    from minidiff.training.shapes.judge import load_judge
-
     s = dict(EDIT_SETTINGS, **(settings or {}))
     pipe = DiffEditPipeline.from_pretrained(folder, torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -163,10 +168,33 @@ def mean_psnr(x_hat: torch.Tensor, x: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def evaluate_vae_psnr(folder=SHAPES_MODEL, n: int = 200) -> float:
+def evaluate_vae_psnr(folder, n: int = 200) -> float:
     """Mean PSNR (dB, [0, 1] scale) of VAE reconstructions (posterior mean) of held-out scenes."""
-    from minidiff.models.vae import AutoencoderKL
-
     vae = AutoencoderKL.from_pretrained(Path(folder) / "vae", torch_dtype=torch.float32)
     x = scenes_to_tensor(held_out_scenes("val", n))
     return mean_psnr(reconstruct(vae, x), x)
+
+
+@torch.no_grad()
+def evaluate_vae(vae: AutoencoderKL, judge: ShapesJudge, n: int = 200) -> dict:
+    """PSNR of held-out reconstructions (posterior mean; images in [0, 1]) and the judge's accuracy on them."""
+    scenes = held_out_scenes("val", n)
+    x = scenes_to_tensor(scenes)
+    return {"psnr": mean_psnr(reconstruct(vae, x), x),
+            "judge_on_reconstructions": evaluate_judge(judge, scenes, degrade=lambda images: reconstruct(vae, images)),
+            "judge_on_originals": evaluate_judge(judge, scenes)}
+
+
+@torch.no_grad()
+def evaluate_clip(clip: ShapesCLIP, n: int = 200) -> dict:
+    """Held-out retrieval: for each image, is the best-scoring caption (among the n canonical
+    captions) one with the image's content? And the same from captions to images."""
+    scenes = held_out_scenes("val", n)
+    tok = load_tokenizer()
+    t = clip.embed_text(tok([s.caption for s in scenes]).input_ids)
+    v = clip.embed_images(scenes_to_tensor(scenes))
+    sim = v @ t.T  # (images, captions)
+    keys = [scene_key(s) for s in scenes]
+    i2t = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(dim=1))) / n
+    t2i = sum(keys[int(i)] == keys[j] for j, i in enumerate(sim.argmax(dim=0))) / n
+    return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "n": n}

@@ -34,7 +34,8 @@ Loss: cross-entropy of both heads; AdamW with a cosine learning-rate decay. Chec
 written atomically (a temporary file, then os.replace), so an interrupted run never leaves a
 half-written model behind.
 
-The shipped judge (weights/shapes/judge) is `python -m minidiff.training.shapes.judge`: 900 steps
+The shipped judge (weights/shapes/judge) is `python -m minidiff.training.shapes.judge
+weights/shapes/judge` (run from the repository root): 900 steps
 of 128 objects + 16 "none" crops, seed 0, 578 s on a shared 2-core CPU; held-out accuracy 100%
 for shape and colour on 1211 "val" objects and on 1056 "test" objects, still 100% after a blur
 of sigma 3 px, JPEG quality 20 or a 128 -> 24 -> 128 px resize, and 93% shape / 100% colour after
@@ -47,8 +48,8 @@ Public API:
     judge.classify_single(image)        the object found as the non-background region
     judge.classify_boxes(images, boxes) batched, for evaluation loops
     evaluate_judge(judge, scenes)       shape / colour / both accuracy over all objects
-    train_judge(out_dir, steps, seed)   what made weights/shapes/judge (python -m ...judge)
-    load_judge()                        the shipped judge in weights/shapes/judge
+    train_judge(out_dir, steps, seed)   what made weights/shapes/judge (python -m ...judge OUT_DIR)
+    load_judge(folder)                  a saved judge, e.g. Path(model_folder) / "judge"
 
 References:
     LeCun et al. 1998 (small convnets for classification), Ioffe & Szegedy 2015 (BatchNorm),
@@ -58,6 +59,7 @@ References:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import math
 import os
@@ -71,15 +73,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin, save_weights, write_json
-from minidiff.training.shapes.data import COLOURS, SHAPES, Scene, held_out_scenes, scene_stream
+from minidiff.pipelines.images import preprocess_image
+from minidiff.training.shapes.data import (
+    COLOURS,
+    SHAPES,
+    Scene,
+    held_out_scenes,
+    scene_stream,
+)
 
 NONE = "none"
 CONTEXT = 1.3  # crop side / object extent at scoring time
 MIN_CROP = 12.0  # pixels: the smallest crop side, for a tiny or degenerate box
-DEFAULT_JUDGE_DIR = Path(__file__).resolve().parents[3] / "weights" / "shapes" / "judge"
 
 
 @dataclasses.dataclass
@@ -202,8 +211,6 @@ class ShapesJudge(nn.Module, PretrainedMixin):
 
 def image_to_tensor(image) -> torch.Tensor:
     """One image in any supported form -> (3, H, W) float32 in [-1, 1]."""
-    from minidiff.pipelines.images import preprocess_image
-
     if isinstance(image, np.ndarray) and image.dtype == np.uint8:
         image = image.astype(np.float32) / 255.0
     if isinstance(image, (list, tuple)) or (hasattr(image, "ndim") and image.ndim == 4):
@@ -306,9 +313,9 @@ def evaluate_judge(judge: ShapesJudge, scenes: list[Scene], degrade=None, batch_
             "n": len(results)}
 
 
-def load_judge(folder: str | os.PathLike | None = None) -> ShapesJudge:
-    """The shipped judge (weights/shapes/judge), or one saved elsewhere."""
-    folder = Path(folder) if folder is not None else DEFAULT_JUDGE_DIR
+def load_judge(folder: str | os.PathLike) -> ShapesJudge:
+    """The judge saved in `folder`, e.g. `load_judge(Path("weights/shapes") / "judge")`."""
+    folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(
             f"No judge in {str(folder)!r}. Train one with `python -m minidiff.training.shapes.judge {folder}`.")
@@ -409,15 +416,13 @@ def _training_batch(stream, rng: np.random.Generator, g: torch.Generator, n_obje
     return _augment(crops.clamp(-1, 1), g), shape_ids, torch.tensor(colour_ids)
 
 
-def train_judge(out_dir: str | os.PathLike = DEFAULT_JUDGE_DIR, steps: int = 900, seed: int = 0,
+def train_judge(out_dir: str | os.PathLike, steps: int = 900, seed: int = 0,
                 batch_size: int = 128, lr: float = 3e-3, save_every: int = 500, eval_scenes: int = 800,
                 progress: bool = True) -> tuple[ShapesJudge, dict]:
     """Train a judge on the training stream of `seed` and save it to `out_dir`.
 
     Returns the judge and its held-out ("val" split) accuracy, which also goes into the
     safetensors metadata together with the training settings."""
-    from tqdm.auto import tqdm
-
     torch.manual_seed(seed)
     rng = np.random.default_rng((7, seed))  # crop jitter; a seed space apart from the scenes'
     g = torch.Generator().manual_seed(seed)  # augmentations
@@ -449,10 +454,15 @@ def train_judge(out_dir: str | os.PathLike = DEFAULT_JUDGE_DIR, steps: int = 900
     return judge, {**acc, "train_seconds": train_seconds}
 
 
-if __name__ == "__main__":  # python -m minidiff.training.shapes.judge [out_dir] [steps]
-    import sys
-
-    out = sys.argv[1] if len(sys.argv) > 1 else DEFAULT_JUDGE_DIR
-    n_steps = int(sys.argv[2]) if len(sys.argv) > 2 else 900
-    _, result = train_judge(out, n_steps)
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m minidiff.training.shapes.judge",
+                                description="Train the shapes-world judge and save it to a folder.")
+    p.add_argument("out_dir", help="the folder to write (the shipped judge is weights/shapes/judge)")
+    p.add_argument("steps", type=int, nargs="?", default=900)
+    args = p.parse_args(argv)
+    _, result = train_judge(args.out_dir, args.steps)
     print(result)
+
+
+if __name__ == "__main__":
+    main()
