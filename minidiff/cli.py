@@ -8,10 +8,13 @@
     minidiff check MODEL          compare every component of a checkpoint with diffusers/transformers
     minidiff tiny-random DIR      write a tiny random SD checkpoint (diffusers layout) to try things on
     minidiff train-shapes WHAT    train / export / evaluate the shapes-world models (WHAT: vae, clip,
-                                  unet, export, eval, eval-edit; `minidiff train-shapes -h` for options)
+                                  unet, export, eval, eval-edit, eval-two-objects, eval-edit-outside, eval-readme;
+                                  `minidiff train-shapes -h` for options)
 
-`mask`, `invert` and `edit` default to EDIT_SETTINGS (minidiff/training/shapes/evaluate.py): with
-no flags they run the DiffEdit configuration the shapes model card measured.
+`generate`, `mask`, `invert` and `edit` take the defaults of their flags from the model folder's
+recommended_settings.json (minidiff/pipelines/settings.py; weights/shapes has one: with no flags
+they run the configuration its model card measured); a flag given overrides it, and a folder
+without the file gets diffusers' defaults (the pipeline methods' own).
 
 Every argument, the device, the input files and the output folder are checked before a model is
 loaded or anything is written. Errors a user can fix (a wrong path, a bad value: minidiff's
@@ -37,12 +40,15 @@ from minidiff.errors import InputError
 from minidiff.loading import read_json, resolve_folder
 from minidiff.pipelines.diffedit import DiffEditPipeline, InversionOutput
 from minidiff.pipelines.images import check_image_size, mask_overlay, side_by_side
+from minidiff.pipelines.settings import (
+    DIFFUSERS_DEFAULTS,
+    recommended_settings,
+    with_diffusers_defaults,
+)
 from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 from minidiff.reference import save_tiny_pipeline
-from minidiff.training.shapes.evaluate import (
-    EDIT_SETTINGS,  # the DiffEdit defaults: what the model card measured
-)
 from minidiff.validation import (
+    check_device,
     check_guidance,
     check_number,
     check_positive_int,
@@ -71,25 +77,6 @@ def _generator(seed: int) -> torch.Generator:
 # Checks that run before anything is loaded or written
 
 
-def check_device(name: str) -> str:
-    """'cpu', 'cuda', 'cuda:1', 'mps' that exist in this torch build and on this machine."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise InputError(f"unknown device {name!r}; use cpu, cuda or cuda:N.") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("CUDA is not available in this torch build (or on this machine); use --device cpu.")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise InputError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"numbered from 0.")
-    elif device.type == "mps" and not torch.backends.mps.is_available():
-        raise InputError("MPS is not available on this machine; use --device cpu.")
-    elif device.type not in ("cpu", "cuda", "mps"):
-        raise InputError(f"--device {name}: minidiff runs on cpu, cuda or mps.")
-    return name
-
-
 def check_args(args) -> None:
     """Every number and the device, before a model is loaded or a folder created."""
     if hasattr(args, "device"):
@@ -115,10 +102,8 @@ def check_args(args) -> None:
             steps_for_strength(args.steps, value, flag, "--steps")
 
 
-def _model_geometry(model: str) -> tuple[int, int, int]:
-    """(size multiple, VAE factor, native image side) from the checkpoint's config files, read
-    before any weights."""
-    root = resolve_folder(model, allow_patterns=["*.json"])
+def _model_geometry(root: Path) -> tuple[int, int, int]:
+    """(size multiple, VAE factor, native image side) from the checkpoint's config files."""
     read_json(root, "model_index.json")
     unet = read_json(resolve_folder(root, "unet"), "config.json")
     vae = read_json(resolve_folder(root, "vae"), "config.json")
@@ -126,8 +111,31 @@ def _model_geometry(model: str) -> tuple[int, int, int]:
     return f * 2 ** (len(unet["block_out_channels"]) - 1), f, unet.get("sample_size", 64) * f
 
 
-def open_image(path: str, model: str, resize: int | None = None):
-    """The input image as RGB, checked against the model's size rule (and resized on request)."""
+# Flag (argparse dest) -> the recommended_settings.json key that is its default. --guidance is
+# not here: `mask` and `edit` use it for two stages with two keys (see _guidance).
+FLAG_SETTINGS = {"steps": "num_inference_steps", "num_maps": "num_maps_per_mask", "mask_strength": "mask_encode_strength",
+                 "threshold": "mask_thresholding_ratio", "strength": "inpaint_strength",
+                 "invert_guidance": "invert_guidance_scale", "negative_prompt": "negative_prompt", "blend": "blend"}
+
+
+def read_model(args) -> None:
+    """Read the model's JSON files once (one hub look-up for a repo id), before any weights and
+    before the numbers are checked: `args.geometry` (see _model_geometry) and `args.settings`,
+    the section of recommended_settings.json this command uses ("text_to_image" for generate,
+    "diffedit" else) with diffusers' defaults for what it leaves out. Every flag not given
+    (None) takes its value from `args.settings`."""
+    root = resolve_folder(args.model, allow_patterns=["*.json"])
+    args.geometry = _model_geometry(root)
+    section = "text_to_image" if args.command == "generate" else "diffedit"
+    args.settings = with_diffusers_defaults(recommended_settings(root), section)
+    for dest, key in FLAG_SETTINGS.items():
+        if getattr(args, dest, False) is None:  # a flag of this command, not given
+            setattr(args, dest, args.settings[key])
+
+
+def open_image(path: str, geometry: tuple[int, int, int], resize: int | None = None):
+    """The input image as RGB, checked against the model's size rule (`geometry`: see
+    _model_geometry) and resized on request."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"No image file at {path!r}.")
     try:
@@ -147,7 +155,7 @@ def open_image(path: str, model: str, resize: int | None = None):
             white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
             image = PIL.Image.alpha_composite(white, image.convert("RGBA"))
     image = image.convert("RGB")
-    multiple, f, native = _model_geometry(model)
+    multiple, f, native = geometry
     if resize is not None:
         scale = resize / max(image.size)
         size = tuple(max(multiple, round(v * scale / multiple) * multiple) for v in image.size)
@@ -214,37 +222,39 @@ def _load_pipeline(cls, args):
 # Commands: check everything, then create --out, then load the model, then work
 
 
+def _guidance(args, setting: str) -> float:
+    """--guidance, or the settings' scale for this stage ("guidance_scale": generate and the
+    mask; "edit_guidance_scale": the masked denoising)."""
+    return args.settings[setting] if args.guidance is None else args.guidance
+
+
 def cmd_generate(args) -> int:
-    multiple, f, native = _model_geometry(args.model)
+    multiple, f, native = args.geometry
     check_image_size(args.height or native, args.width or native, multiple, f, "--width/--height")
     out = make_output(plan_output(args, [f"image_{i}.png" for i in range(args.num_images)]))
     pipe = _load_pipeline(StableDiffusionPipeline, args)
     images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
-                  generator=_generator(args.seed)).images
+                  num_inference_steps=args.steps, guidance_scale=_guidance(args, "guidance_scale"),
+                  num_images_per_prompt=args.num_images, generator=_generator(args.seed)).images
     for i, image in enumerate(images):
         image.save(out / f"image_{i}.png")
     print(f"wrote {len(images)} image(s) to {out}")
     return 0
 
 
-# DiffEdit: the defaults of mask / invert / edit are EDIT_SETTINGS, and these three calls pass
-# what evaluate_diffedit passes, so that a command without flags is the configuration measured.
-
-
-def _guidance(args, setting: str) -> float:
-    """--guidance, or EDIT_SETTINGS' scale for this stage ("guidance_scale": mask; "edit_guidance_scale")."""
-    return EDIT_SETTINGS[setting] if args.guidance is None else args.guidance
+# DiffEdit: the defaults of mask / invert / edit are the model's recommended settings, and these
+# three calls pass what evaluate_diffedit passes, so that a command without flags on
+# weights/shapes is the configuration its model card measured.
 
 
 def _mask(pipe, image, args):
-    """generate_mask at latent size (one L-mode PIL image of 0/255), on the --steps grid. With one
-    image mask_clamp "per_image" (evaluate_diffedit's) and "batch" give the same mask."""
+    """generate_mask at latent size (one L-mode PIL image of 0/255), on the --steps grid. The
+    settings' mask_clamp has no flag: with one image "per_image" and "batch" give the same mask."""
     return pipe.generate_mask(image=image, source_prompt=args.source, target_prompt=args.target,
                               num_maps_per_mask=args.num_maps, mask_encode_strength=args.mask_strength,
                               mask_thresholding_ratio=args.threshold, num_inference_steps=args.steps,
                               guidance_scale=_guidance(args, "guidance_scale"), generator=_generator(args.seed),
-                              output_type="pil", mask_clamp="per_image")[0]
+                              output_type="pil", mask_clamp=args.settings["mask_clamp"])[0]
 
 
 def _full_size(mask, image):
@@ -266,7 +276,7 @@ def _invert(pipe, image, args):
 
 
 def cmd_mask(args) -> int:
-    image = open_image(args.image, args.model, args.resize)
+    image = open_image(args.image, args.geometry, args.resize)
     out = make_output(plan_output(args, ["mask.png"], [args.image]))
     pipe = _load_pipeline(DiffEditPipeline, args)
     mask = _mask(pipe, image, args)
@@ -277,7 +287,7 @@ def cmd_mask(args) -> int:
 
 
 def cmd_invert(args) -> int:
-    image = open_image(args.image, args.model, args.resize)
+    image = open_image(args.image, args.geometry, args.resize)
     out = make_output(plan_output(args, ["inverted_latents.safetensors"], [args.image]))
     pipe = _load_pipeline(DiffEditPipeline, args)
     inv = _invert(pipe, image, args)
@@ -287,7 +297,7 @@ def cmd_invert(args) -> int:
 
 
 def cmd_edit(args) -> int:
-    image = open_image(args.image, args.model, args.resize)
+    image = open_image(args.image, args.geometry, args.resize)
     inputs = [args.image] + ([args.latents] if args.latents else [])
     if args.latents and not Path(args.latents).is_file():
         raise FileNotFoundError(f"No inverted-latents file at {args.latents!r}.")
@@ -335,20 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show the full traceback of every error (also: MINIDIFF_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p, steps=50, guidance=7.5, guidance_help="classifier-free guidance scale (default 7.5)"):
+    def default(key: str, section: str = "diffedit") -> str:
+        """The help text's default: the model's file decides (read_model), else diffusers' value."""
+        value = DIFFUSERS_DEFAULTS[section][key]
+        shown = "none" if value is None else repr(value)
+        return f"default: the model's recommended_settings.json, else diffusers' {shown}"
+
+    def common(p, section: str, guidance_help: str | None):
         p.add_argument("--model", required=True, help="a local folder in the diffusers layout, or a hub repo id")
         p.add_argument("--device", default="cpu")
         p.add_argument("--dtype", type=_dtype, default=torch.float32)
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--steps", type=int, default=steps, help=f"DDIM steps (num_inference_steps, default {steps})")
+        p.add_argument("--steps", type=int, default=None,
+                       help=f"DDIM steps (num_inference_steps; {default('num_inference_steps', section)})")
         if guidance_help:  # `invert` has only --invert-guidance
-            p.add_argument("--guidance", type=float, default=guidance, help=guidance_help)
+            p.add_argument("--guidance", type=float, default=None, help=guidance_help)
         p.add_argument("--out", default="outputs", help="folder for the results")
         p.add_argument("--overwrite", action="store_true", help="write into a non-empty --out folder")
 
-    # DiffEdit's defaults are EDIT_SETTINGS (minidiff/training/shapes/evaluate.py), the settings
-    # of the shapes model card; diffusers' own defaults are in each help text.
-    s = EDIT_SETTINGS
+    # Every default below is None: read_model fills it from the model folder's
+    # recommended_settings.json (FLAG_SETTINGS), else with diffusers' default, once --model is known.
 
     def diffedit_args(p, mask=True, invert=True):
         p.add_argument("image", help="the input image file")
@@ -357,30 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", required=True, help="text describing the image now (e.g. 'a red circle')")
         if mask:
             p.add_argument("--target", required=True, help="text describing the edit (e.g. 'a blue square')")
-            p.add_argument("--num-maps", type=int, default=s["num_maps_per_mask"],
-                           help=f"noise draws averaged for the mask (num_maps_per_mask, default {s['num_maps_per_mask']})")
-            p.add_argument("--mask-strength", type=float, default=s["mask_encode_strength"],
-                           help=f"mask_encode_strength (default {s['mask_encode_strength']}; diffusers 0.5)")
-            p.add_argument("--threshold", type=float, default=s["mask_thresholding_ratio"],
-                           help=f"mask_thresholding_ratio (default {s['mask_thresholding_ratio']}; diffusers 3.0)")
+            p.add_argument("--num-maps", type=int, default=None,
+                           help=f"noise draws averaged for the mask (num_maps_per_mask; {default('num_maps_per_mask')})")
+            p.add_argument("--mask-strength", type=float, default=None,
+                           help=f"mask_encode_strength ({default('mask_encode_strength')})")
+            p.add_argument("--threshold", type=float, default=None,
+                           help=f"mask_thresholding_ratio ({default('mask_thresholding_ratio')})")
         if invert:
-            p.add_argument("--strength", type=float, default=s["inpaint_strength"],
-                           help=f"inpaint_strength: how far to invert (default {s['inpaint_strength']})")
-            p.add_argument("--invert-guidance", type=float, default=s["invert_guidance_scale"],
-                           help=f"guidance scale of the inversion (default {s['invert_guidance_scale']:g}: plain DDIM "
-                                "inversion, the most faithful; diffusers uses its guidance_scale, 7.5)")
-        stages = (f"the mask and of the masked denoising (default {s['guidance_scale']:g} and "
-                  f"{s['edit_guidance_scale']:g})" if invert else f"the mask (default {s['guidance_scale']:g})")
-        common(p, steps=s["num_inference_steps"], guidance=None,
-               guidance_help=f"classifier-free guidance scale of {stages}" if mask else None)
+            p.add_argument("--strength", type=float, default=None,
+                           help=f"inpaint_strength: how far to invert ({default('inpaint_strength')})")
+            p.add_argument("--invert-guidance", type=float, default=None,
+                           help=f"guidance scale of the inversion (invert_guidance_scale, 1 = plain DDIM inversion, the "
+                                f"most faithful; {default('invert_guidance_scale')})")
+        stages = ("the mask and of the masked denoising (guidance_scale and edit_guidance_scale; "
+                  f"{default('guidance_scale')})" if invert else f"the mask (guidance_scale; {default('guidance_scale')})")
+        common(p, "diffedit", f"classifier-free guidance scale of {stages}" if mask else None)
 
     p = sub.add_parser("generate", help="text-to-image")
     p.add_argument("prompt")
-    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--negative-prompt", default=None, help=default("negative_prompt", "text_to_image"))
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
-    common(p)
+    common(p, "text_to_image", f"classifier-free guidance scale ({default('guidance_scale', 'text_to_image')})")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("mask", help="DiffEdit step 1: the edit mask")
@@ -393,12 +408,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("edit", help="DiffEdit: mask + inversion + masked denoising")
     diffedit_args(p)
-    p.add_argument("--blend", choices=["diffusers", "aligned"], default="diffusers")
+    p.add_argument("--blend", choices=["diffusers", "aligned"], default=None,
+                   help=f"where the unmasked region comes from (see pipelines/diffedit.py; {default('blend')})")
     p.add_argument("--latents", default=None,
                    help="inverted_latents.safetensors from `minidiff invert` (its schedule is checked) instead of "
                         "inverting again")
-    p.add_argument("--negative-prompt", default=s["negative_prompt"],
-                   help=f"negative prompt of the masked denoising (default {s['negative_prompt']!r}); \"source\" "
+    p.add_argument("--negative-prompt", default=None,
+                   help=f"negative prompt of the masked denoising ({default('negative_prompt')}); \"source\" "
                         "uses the source prompt, as diffusers' DiffEdit example does")
     p.set_defaults(func=cmd_edit)
 
@@ -449,6 +465,8 @@ def main(argv: list[str] | None = None) -> int:
     _created.clear()
     debug = args.debug or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")
     try:
+        if args.func in (cmd_generate, cmd_mask, cmd_invert, cmd_edit):
+            read_model(args)  # fills the flags not given from the model's recommended settings
         check_args(args)
         return args.func(args)
     except USER_ERRORS as err:

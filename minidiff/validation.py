@@ -11,7 +11,7 @@ inf: `NonFiniteError`) with one sentence saying what was expected and what came:
 A pipeline names its keyword argument ("num_maps_per_mask", shown in backticks); the command
 names its flag ("--num-maps", shown as typed).
 
-This module imports only minidiff.errors, so every layer may use it.
+This module imports only torch and minidiff.errors, so every layer may use it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 import numbers
 from typing import Any
+
+import torch
 
 from minidiff.errors import InputError, NonFiniteError
 
@@ -75,3 +77,24 @@ def steps_for_strength(num_inference_steps: Any, strength: Any, strength_name: s
             f"int({num_inference_steps} * {strength}) = 0 steps, so no noise would be added; "
             f"raise {_label(strength_name)} or {_label(steps_name)}.")
     return k
+
+
+def check_device(name, allowed: tuple[str, ...] = ("cpu", "cuda", "mps")) -> torch.device:
+    """`name` ("cpu", "cuda", "cuda:1", "mps", or a torch.device) as a torch.device, refused with
+    one sentence when it is not one of the `allowed` types or this machine does not have it."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {str(name)!r}; use {', '.join(allowed)} (cuda:N for one GPU).") from None
+    if device.type not in allowed:
+        raise InputError(f"device {str(name)!r}: this runs on {', '.join(allowed)}.")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"device {str(name)!r} asked for, but CUDA is not available in this torch build "
+                             f"(or on this machine); use cpu.")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"device {str(name)!r} asked for, but this machine has {torch.cuda.device_count()} "
+                             f"CUDA device(s), numbered from 0.")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device {str(name)!r} asked for, but MPS is not available on this machine; use cpu.")
+    return device

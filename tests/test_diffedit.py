@@ -287,6 +287,36 @@ def test_aligned_blend_restores_the_unmasked_region(pipes, images):
     assert not torch.equal(aligned[inside], default[inside])  # the masked region differs too
 
 
+def test_recommended_settings_leave_the_method_defaults_alone(pipes, images):
+    """A folder's recommended_settings.json (pipelines/settings.py) is for the command and the
+    caller to read: with the shapes model's settings attached, every method called without
+    settings still runs diffusers' defaults (the same mask as diffusers', the same latents as
+    with no settings attached)."""
+    from pathlib import Path
+
+    from minidiff.pipelines.settings import recommended_settings
+
+    ours, ref = pipes
+    shapes = recommended_settings(Path(__file__).resolve().parents[1] / "weights" / "shapes")
+    assert shapes["diffedit"]["mask_encode_strength"] != 0.5  # else this would show nothing
+
+    def run():
+        mask = ours.generate_mask(image=images[:1], source_prompt="a cat", target_prompt="a dog", generator=gen())
+        inv = ours.invert(image=images[:1], prompt="a cat", generator=gen())
+        return mask, inv.latents, ours(prompt="a dog", mask_image=mask, image_latents=inv, output_type="latent").images
+
+    ours.recommended_settings = shapes
+    try:
+        with_settings = run()
+    finally:
+        ours.recommended_settings = {}
+    without = run()
+    for a, b in zip(with_settings, without):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    theirs = ref.generate_mask(image=images[:1], source_prompt="a cat", target_prompt="a dog", generator=gen())
+    assert np.array_equal(with_settings[0], theirs)
+
+
 # ----------------------------------------------------------------------------------------------
 # Bad input: one clear ValueError each
 

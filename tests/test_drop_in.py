@@ -5,7 +5,8 @@ what the reference gives in the same situation (each test runs the reference bes
                  return_dict=False tuples
     dtypes       torch_dtype=None / "auto" / a dtype, per library (loading.resolve_dtype)
     pipelines    DiffusionPipeline.from_pretrained, .components, Pipeline(**components),
-                 save_pretrained (diffusers loads it back), to / device / dtype
+                 save_pretrained (diffusers loads it back, recommended_settings.json included), to /
+                 device / dtype
     memory       enable_model_cpu_offload & co. as pipeline methods, attention slicing
     quantization PipelineQuantizationConfig at load, save and load back
 """
@@ -260,6 +261,22 @@ def test_save_pretrained_loads_back_in_diffusers(tiny, tmp_path):
         ours.save_pretrained(tmp_path / "saved")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".saved")]
 
+
+def test_diffusers_ignores_the_recommended_settings_file(tiny, tmp_path):
+    """minidiff's recommended_settings.json (pipelines/settings.py) is an extra file beside
+    model_index.json: diffusers loads such a folder as before and gives the same image (weights/shapes
+    has one too, and the tests above load it in diffusers)."""
+    import diffusers
+
+    ours = quiet(StableDiffusionPipeline.from_pretrained(tiny))
+    ours.recommended_settings = {"text_to_image": {"num_inference_steps": 3}}
+    ours.save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "recommended_settings.json").is_file()
+    ref = diffusers_pipe(str(tmp_path / "saved"))
+    np.testing.assert_allclose(image(ours), image(ref), atol=IMAGE_ATOL, rtol=0)
+    assert "recommended_settings" not in dict(ref.config)
+    assert type(diffusers.DiffusionPipeline.from_pretrained(SHAPES)).__name__ == "StableDiffusionPipeline"
+    assert (SHAPES / "recommended_settings.json").is_file()
 
 def test_to_device_dtype_like_diffusers(tiny):
     ours = StableDiffusionPipeline.from_pretrained(tiny)

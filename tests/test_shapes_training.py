@@ -234,3 +234,57 @@ def test_shipped_pipeline_minidiff_matches_diffusers():
     compare_pipelines(SHIPPED, StableDiffusionPipeline, diffusers)
     size_mb = folder_size_mb(SHIPPED)
     assert size_mb <= 40, f"weights/shapes is {size_mb:.1f} MB; the budget is 40 MB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Devices: the CPU path above is the default (device="cpu"); a device the machine lacks is refused
+# with one sentence before any work; on a GPU, checkpoints still hold CPU tensors.
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: nothing to refuse")
+@pytest.mark.parametrize("what", ["vae", "clip", "unet"])
+def test_device_flag_refuses_cuda_without_a_gpu(what, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(InputError, match="CUDA is not available") as err:
+        main([what, "--device", "cuda", "--ckpt-dir", str(ckpt)])
+    assert str(err.value).count(". ") == 0 and str(err.value).endswith(".")  # one sentence
+    assert not ckpt.exists(), "work started before the device was checked"
+    with pytest.raises(InputError, match="unknown device"):
+        train_vae(ckpt, steps=1, device="tpu:x")
+
+
+def test_device_flag_is_for_the_training_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["eval", "--device", "cpu"])
+    assert "--device is for the training commands" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_run_checkpoints_hold_cpu_tensors_and_resume_on_the_cpu(tmp_path):
+    # 2 steps on the GPU, then resumed to 3 on the CPU: every tensor in the checkpoint is a CPU
+    # tensor, the resume loads, and the returned models are on the CPU.
+    kw = dict(seed=0, progress=False, ckpt_every=1)
+    for device, steps, resume in (("cuda", 2, False), ("cpu", 3, True)):
+        vae = train_vae(tmp_path, steps=steps, batch_size=2, config=TINY_VAE, std_scenes=4, resume=resume,
+                        device=device, **kw)
+        clip = train_clip(tmp_path, steps=steps, batch_size=4, text_config=TINY_TEXT, vision_config=TINY_VISION,
+                          resume=resume, device=device, **kw)
+        unet = train_unet(tmp_path, steps=steps, batch_size=2, config=TINY_UNET, pool_size=8, resume=resume,
+                          device=device, **kw)
+        for model in (vae, clip, unet):
+            assert {p.device.type for p in model.parameters()} == {"cpu"}
+        for name in ("vae", "clip", "unet"):
+            state = load_checkpoint(tmp_path / f"{name}.pt")
+            assert state["step"] == steps
+            assert tensor_devices(state) == {"cpu"}, name
+
+
+def tensor_devices(obj) -> set[str]:
+    """The device types of every tensor in a nested checkpoint (dicts, lists, tuples)."""
+    if isinstance(obj, torch.Tensor):
+        return {obj.device.type}
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return set().union(*(tensor_devices(v) for v in obj))
+    return set()

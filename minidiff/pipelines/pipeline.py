@@ -8,6 +8,9 @@ diffusers user reaches for, with diffusers' names and arguments:
     Pipeline.from_pretrained(path, torch_dtype=..., quantization_config=..., scheduler=...)
     pipe.components                           {name: component}, so Pipeline(**pipe.components) works
     pipe.save_pretrained(folder)              model_index.json + one subfolder per component
+    pipe.recommended_settings                 the folder's recommended_settings.json, {} without one
+                                              (minidiff's own: the methods keep diffusers' defaults;
+                                              settings.py)
     pipe.to(device, dtype), pipe.device, pipe.dtype
     pipe.enable_model_cpu_offload() ...       thin calls into minidiff/memory (offload, slicing)
 
@@ -18,6 +21,7 @@ to minidiff's own in `component_class`.
 Folder layout (diffusers):
     model_index.json   {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"], ...}
     unet/ vae/ text_encoder/ tokenizer/ scheduler/ ...
+    recommended_settings.json   optional, minidiff's (settings.py); diffusers ignores it
 """
 
 from __future__ import annotations
@@ -45,6 +49,10 @@ from minidiff.models.clip import (
 )
 from minidiff.models.unet import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.pipelines.settings import (
+    recommended_settings,
+    write_recommended_settings,
+)
 from minidiff.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
 from minidiff.tokenizer import CLIPTokenizer
@@ -139,7 +147,9 @@ class DiffusionPipeline:
         """Load a pipeline folder or hub repo. On `DiffusionPipeline` itself the class comes from
         model_index.json's _class_name. Components passed by name (`scheduler=...`, or
         `safety_checker=None`) are used instead of loading them. `torch_dtype=None` loads each
-        component in its library's default (see loading.resolve_dtype)."""
+        component in its library's default (see loading.resolve_dtype). The folder's
+        recommended_settings.json, if it has one (for a hub id: if the snapshot has it, as its
+        *.json files are fetched), becomes `pipe.recommended_settings`."""
         refuse_pickled(use_safetensors)
         root = resolve_folder(pretrained_model_name_or_path, allow_patterns=["*.json", "*.txt", "*.safetensors"],
                               local_files_only=local_files_only)
@@ -171,6 +181,7 @@ class DiffusionPipeline:
             parts[name] = cls._load_component(root, name, spec[1], torch_dtype, variant,
                                               quantization_config if quantize else None)
         pipe = cls(**parts)
+        pipe.recommended_settings = recommended_settings(root)
         return pipe.to(device) if device is not None else pipe
 
     @staticmethod
@@ -193,7 +204,8 @@ class DiffusionPipeline:
 
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None) -> None:
         """Write the diffusers layout: model_index.json and one folder per component, which
-        diffusers' `from_pretrained` loads back (NF4-quantized components load in minidiff only).
+        diffusers' `from_pretrained` loads back (NF4-quantized components load in minidiff only),
+        and recommended_settings.json when `recommended_settings` is not empty.
         The folder is written next to its destination and moved into place when complete, and an
         existing folder with files in it is refused: nothing of yours is overwritten."""
         target = Path(save_directory)
@@ -214,6 +226,8 @@ class DiffusionPipeline:
                 index.setdefault(name, [None, None])
             index["requires_safety_checker"] = False
             write_json(index, staging / "model_index.json")
+            if self.recommended_settings:
+                write_recommended_settings(self.recommended_settings, staging)
             if target.is_dir():
                 target.rmdir()  # empty (checked above)
             os.replace(staging, target)

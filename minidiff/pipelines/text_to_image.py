@@ -73,6 +73,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self.safety_checker = self.feature_extractor = None
         self.image_encoder = image_encoder
         self._progress_bar_config: dict = {}
+        # The folder's recommended_settings.json (from_pretrained sets it; settings.py). The
+        # methods below do not read it: their defaults stay diffusers'.
+        self.recommended_settings: dict = {}
 
     @property
     def vae_scale_factor(self) -> int:

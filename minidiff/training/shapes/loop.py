@@ -1,4 +1,4 @@
-"""What the three shapes-world training loops share: resume, learning rate, checkpoints, time budget.
+"""What the three shapes-world training loops share: resume, learning rate, checkpoints, time budget, device.
 
 Each loop (train_vae.py, train_clip.py, train_unet.py) keeps its own data, forward pass and loss
 in plain sight and hands the rest to one `TrainingRun`:
@@ -19,6 +19,14 @@ first to a temporary file, then os.replace, so a run killed mid-write never leav
 checkpoint. `resume=True` continues from it: model, optimizer, generator and data position are all
 restored, so 2 steps + resume to 3 gives the same weights as 3 steps in one go.
 
+Devices (`device="cuda"` in each loop; `training_device` checks the name first): the models and
+the optimizer state live on the device, and so do the batches, but every random number is still
+drawn by a CPU torch.Generator and moved there afterwards. A run's random draws are then the same
+on every machine, and the CPU path is exactly what it was before devices existed. Checkpoints hold
+CPU tensors only (`to_cpu`), so a run started on a GPU resumes on a CPU and the other way round
+(load_state_dict copies onto wherever the model is). GPU arithmetic rounds differently (other
+kernels, other summation orders), so a GPU run is reproducible in its statistics, not bit for bit.
+
 References: Loshchilov & Hutter 2017 (SGDR: cosine learning-rate decay), 2019 (AdamW).
 """
 
@@ -33,6 +41,24 @@ from pathlib import Path
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from minidiff.validation import check_device
+
+
+def training_device(device) -> torch.device:
+    """The device a loop trains on, checked before any work starts: cpu or cuda."""
+    return check_device(device, allowed=("cpu", "cuda"))
+
+
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU; CPU tensors are not copied."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
 
 
 def save_checkpoint(state: dict, path: Path) -> None:
@@ -114,8 +140,9 @@ class TrainingRun:
         return done
 
     def _save(self, step: int) -> None:
-        state = {key: module.state_dict() for key, module in self.modules.items()}
-        state.update(optimizer=self.optimizer.state_dict(), step=step, history=self.history)
+        # On the CPU whatever device trained (to_cpu), so that any machine can resume the run.
+        state = {key: to_cpu(module.state_dict()) for key, module in self.modules.items()}
+        state.update(optimizer=to_cpu(self.optimizer.state_dict()), step=step, history=self.history)
         if self.generator is not None:
             state["rng"] = self.generator.get_state()
         save_checkpoint(state, self.path)

@@ -3,15 +3,23 @@
     minidiff train-shapes vae  --steps 4000 --batch-size 16      (= python -m minidiff.training.shapes.train ...)
     minidiff train-shapes clip --steps 800 --batch-size 128
     minidiff train-shapes unet --steps 7000 --batch-size 32 --resume
+    minidiff train-shapes unet --steps 7000 --batch-size 32 --device cuda   (vae, clip, unet: on a GPU)
     minidiff train-shapes export --out weights/shapes --overwrite
     minidiff train-shapes eval --model weights/shapes --n 200        (text-to-image, judged)
     minidiff train-shapes eval-edit --model weights/shapes --n 200   (DiffEdit, judged)
+    minidiff train-shapes eval-two-objects --n 200   (text-to-image, two-object prompts, judged)
+    minidiff train-shapes eval-edit-outside --n 200  (DiffEdit on scenes drawn with plain PIL, outside.py)
+    minidiff train-shapes eval-readme --seeds 10     (the README's edit on seeds 0..9; --blend, default aligned)
 
 Train in the order vae, clip, unet (the UNet reads the frozen VAE and text encoder); each writes
 its checkpoint and its component to --ckpt-dir (default $SHAPES_CKPT_DIR, else /tmp/shapes_ckpt).
 `export` assembles the pipeline folder --out from them (export.py); an existing folder needs
 --overwrite, which replaces the pipeline's files and keeps the judge/ and anything else there.
---model is the model folder scored by `eval` / `eval-edit` and whose judge/ scores the VAE after
+--device (vae, clip, unet; default cpu) is where the loop trains; the random draws stay on the CPU
+and the checkpoints hold CPU tensors, so a run can resume on another device (loop.py, "Devices").
+A device this machine lacks is refused before any work. benchmarks/gpu_train_shapes.py runs the
+whole family on a GPU in one go.
+--model is the model folder scored by the eval-* commands and whose judge/ scores the VAE after
 `vae`; its default is the relative path weights/shapes, found from the current directory (the
 repository root).
 
@@ -24,18 +32,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
+from minidiff.errors import InputError
 from minidiff.training.shapes.configs import DEFAULT_CKPT_DIR
 from minidiff.training.shapes.evaluate import (
     evaluate_clip,
     evaluate_diffedit,
+    evaluate_readme_example,
     evaluate_text_to_image,
+    evaluate_two_object_text_to_image,
     evaluate_vae,
 )
 from minidiff.training.shapes.export import folder_size_mb, save_pipeline
 from minidiff.training.shapes.judge import load_judge
+from minidiff.training.shapes.loop import training_device
+from minidiff.training.shapes.outside import outside_edit_pairs
 from minidiff.training.shapes.train_clip import train_clip
 from minidiff.training.shapes.train_unet import train_unet
 from minidiff.training.shapes.train_vae import train_vae
@@ -45,14 +59,19 @@ DEFAULT_MODEL = "weights/shapes"  # relative: the bundled model, seen from the r
 
 def main(argv=None, prog: str | None = None) -> None:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["vae", "clip", "unet", "export", "eval", "eval-edit"],
+    p.add_argument("what", choices=["vae", "clip", "unet", "export", "eval", "eval-edit", "eval-two-objects",
+                                    "eval-edit-outside", "eval-readme"],
                    help="a component to train (vae, clip, unet: in that order), export (assemble the "
-                        "diffusers folder --out), eval (text-to-image) or eval-edit (DiffEdit), judged")
+                        "diffusers folder --out), or a judged evaluation: eval (text-to-image), eval-edit "
+                        "(DiffEdit), eval-two-objects (two-object text-to-image), eval-edit-outside (DiffEdit "
+                        "on scenes drawn outside the generator), eval-readme (the README's edit over --seeds)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--max-minutes", type=float, default=None)
+    p.add_argument("--device", default=None,
+                   help="vae, clip, unet: where to train, cpu (default), cuda or cuda:N; checkpoints stay CPU tensors")
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT_DIR),
                    help="checkpoints and trained components (default $SHAPES_CKPT_DIR or /tmp/shapes_ckpt)")
     p.add_argument("--out", default=None, help="export: the pipeline folder to write")
@@ -62,31 +81,52 @@ def main(argv=None, prog: str | None = None) -> None:
                    help=f"the model folder to score, with its judge/ (default {DEFAULT_MODEL}, relative to "
                         f"the current directory)")
     p.add_argument("--n", type=int, default=200, help="evaluation cases")
+    p.add_argument("--seeds", type=int, default=10, help="eval-readme: run seeds 0 .. SEEDS-1 (default 10)")
+    p.add_argument("--blend", choices=["diffusers", "aligned"], default="aligned",
+                   help="eval-readme: the blend of the masked denoising (default aligned, as the README)")
     args = p.parse_args(argv)
     if args.what == "export" and args.out is None:
         p.error("export needs --out FOLDER, the pipeline folder to write")
     if args.what != "export" and args.out is not None:
         p.error(f"{args.what} does not write a pipeline folder: --out is export's; the folder to score is --model")
+    training = args.what in ("vae", "clip", "unet")
+    if args.device is not None and not training:
+        p.error(f"{args.what} runs on the CPU: --device is for the training commands vae, clip and unet")
+    device = training_device(args.device or "cpu") if training else None  # refused before any work
     kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
     t0 = time.time()
     if args.what == "vae":
         judge = load_judge(Path(args.model) / "judge")  # before training: a missing judge fails now
-        vae = train_vae(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+        vae = train_vae(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
+                        device=device, **kw)
         print(json.dumps(evaluate_vae(vae, judge), indent=2))
     elif args.what == "clip":
-        clip = train_clip(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+        clip = train_clip(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
+                          device=device, **kw)
         print(json.dumps(evaluate_clip(clip), indent=2))
     elif args.what == "unet":
-        train_unet(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes, **kw)
+        train_unet(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
+                   device=device, **kw)
     elif args.what == "export":
         save_pipeline(args.out, args.ckpt_dir, overwrite=args.overwrite)
         print(f"{args.out}: {folder_size_mb(args.out):.1f} MB (without the judge)")
     elif args.what == "eval":
         print(json.dumps(evaluate_text_to_image(args.model, n=args.n), indent=2))
-    else:
+    elif args.what == "eval-edit":
         print(json.dumps(evaluate_diffedit(args.model, n=args.n), indent=2))
+    elif args.what == "eval-two-objects":
+        print(json.dumps(evaluate_two_object_text_to_image(args.model, n=args.n), indent=2))
+    elif args.what == "eval-edit-outside":
+        pairs = outside_edit_pairs(args.n, seed=args.seed)
+        print(json.dumps(evaluate_diffedit(args.model, pairs=pairs, seed=args.seed), indent=2))
+    else:
+        print(json.dumps(evaluate_readme_example(args.model, seeds=range(args.seeds), blend=args.blend), indent=2))
     print(f"wall time {time.time() - t0:.0f} s")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except InputError as err:  # the user's mistake: one sentence and status 2, as `minidiff train-shapes`
+        print(f"python -m minidiff.training.shapes.train: error: {err}", file=sys.stderr)
+        sys.exit(2)

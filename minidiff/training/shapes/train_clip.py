@@ -4,7 +4,7 @@ A small CLIP (Radford et al. 2021): a causal text transformer on the real CLIP B
 a ViT (patch 16 on 128x128), trained together with the symmetric InfoNCE loss and a learnable
 temperature. Scenes with the same content (objects + background) in one batch are positives of
 each other (soft targets), so no true match is pushed away. AdamW with linear warmup and a cosine
-decay; the run's skeleton (resume, checkpoints, time budget) is loop.py's `TrainingRun`.
+decay; the run's skeleton (resume, checkpoints, time budget, devices) is loop.py's `TrainingRun`.
 
 Saved: `text_encoder/` (a plain CLIPTextModel: the UNet reads its last hidden state, not the
 projection), `image_encoder/` (CLIPVisionModelWithProjection) and the text projection on its own.
@@ -34,7 +34,7 @@ from minidiff.training.shapes.configs import (
     VISION_CONFIG,
 )
 from minidiff.training.shapes.data import Scene, scene_batches
-from minidiff.training.shapes.loop import TrainingRun
+from minidiff.training.shapes.loop import TrainingRun, training_device
 
 
 def load_tokenizer() -> CLIPTokenizer:
@@ -44,9 +44,9 @@ def load_tokenizer() -> CLIPTokenizer:
 
 
 def clip_pixels(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] -> CLIPImageProcessor's normalisation."""
-    mean = torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    """Images in [-1, 1] -> CLIPImageProcessor's normalisation (on the images' device)."""
+    mean = torch.tensor(CLIP_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=images.device).view(1, 3, 1, 1)
     return ((images + 1) / 2 - mean) / std
 
 
@@ -77,11 +77,13 @@ def scene_key(scene: Scene) -> tuple:
 def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 1500, batch_size: int = 128, seed: int = 0,
                lr: float = 1e-3, warmup: int = 100, ckpt_every: int = 200, resume: bool = False,
                text_config: dict | None = None, vision_config: dict | None = None,
-               max_minutes: float | None = None, progress: bool = True) -> ShapesCLIP:
-    """Contrastive training; saves `<out_dir>/text_encoder/` and `<out_dir>/image_encoder/`."""
-    out_dir = Path(out_dir)
+               max_minutes: float | None = None, device="cpu", progress: bool = True) -> ShapesCLIP:
+    """Contrastive training; saves `<out_dir>/text_encoder/` and `<out_dir>/image_encoder/` and
+    returns the model on the CPU. `device`: where it trains (loop.py, "Devices"), from the same
+    CPU initialisation."""
+    out_dir, device = Path(out_dir), training_device(device)
     torch.manual_seed(seed)
-    clip = ShapesCLIP(text_config or TEXT_CONFIG, vision_config or VISION_CONFIG)
+    clip = ShapesCLIP(text_config or TEXT_CONFIG, vision_config or VISION_CONFIG).to(device)  # initialised on the CPU
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
     # No generator: nothing in this loop is random but the scenes, which carry their own seeds.
     run = TrainingRun("clip", out_dir, {"model": clip}, opt, None, steps, lr, warmup, ckpt_every,
@@ -92,13 +94,13 @@ def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 1500, batch_size: int = 12
     clip.train()
     for step in run:
         batch = next(batches)
-        ids = tok(batch.captions).input_ids  # (B, 77), padded with <|endoftext|> as SD does
+        ids = tok(batch.captions).input_ids.to(device)  # (B, 77), padded with <|endoftext|> as SD does
         t = clip.embed_text(ids)
-        v = clip.embed_images(batch.images)
+        v = clip.embed_images(batch.images.to(device))
         logits = clip.logit_scale.exp().clamp(max=100) * v @ t.T  # (B_images, B_texts)
         # InfoNCE with soft targets: every caption of the same content is a correct match.
         keys = [scene_key(s) for s in batch.scenes]
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32)  # (B, B)
+        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)  # (B, B)
         target = same / same.sum(dim=1, keepdim=True)
         loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
                       + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
@@ -107,7 +109,7 @@ def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 1500, batch_size: int = 12
             break
     run.finish()
 
-    clip.eval()
+    clip.cpu().eval()
     clip.text.save_pretrained(out_dir / "text_encoder")
     clip.vision.save_pretrained(out_dir / "image_encoder")
     torch.save(clip.text_projection.state_dict(), out_dir / "clip_text_projection.pt")
