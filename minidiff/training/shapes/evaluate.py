@@ -74,28 +74,28 @@ def _psnr(a: np.ndarray, b: np.ndarray, where: np.ndarray) -> float:
 
 
 def generated_scenes(folder, scenes, steps: int, guidance_scale: float, seed: int, batch_size: int, desc: str,
-                     progress: bool):
+                     progress: bool, device: str = "cpu"):
     """Yield (scene, image) for each held-out scene: the pipeline in `folder` draws its canonical
     caption (DDIM `steps`, guidance `guidance_scale`, generator seed + i for the batch that starts
-    at scene i), images (3, 128, 128) in [0, 1]."""
-    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    at scene i), images (3, 128, 128) in [0, 1] on the CPU (the pipeline runs on `device`)."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
     for i in tqdm(range(0, len(scenes), batch_size), desc=desc, disable=not progress):
         chunk = scenes[i:i + batch_size]
         images = pipe([s.caption for s in chunk], num_inference_steps=steps, guidance_scale=guidance_scale,
-                      generator=torch.Generator().manual_seed(seed + i), output_type="pt").images
+                      generator=torch.Generator().manual_seed(seed + i), output_type="pt").images.cpu()
         yield from zip(chunk, images)
 
 
 @torch.no_grad()
 def evaluate_text_to_image(folder, n: int = 200, steps: int = 25, guidance_scale: float = 6.0,
-                           seed: int = 0, batch_size: int = 25, progress: bool = True) -> dict:
+                           seed: int = 0, batch_size: int = 25, progress: bool = True, device: str = "cpu") -> dict:
     """Single-object held-out prompts ("a red circle on a white background") -> images -> judge."""
     judge = load_judge(Path(folder) / "judge")
     scenes = held_out_scenes("test", n, num_objects=1)
     ok_c = ok_s = ok_both = 0
     for scene, image in generated_scenes(folder, scenes, steps, guidance_scale, seed, batch_size,
-                                         "text-to-image eval", progress):
+                                         "text-to-image eval", progress, device):
         r = judge.classify_single(image)
         c, s = r.colour == scene.objects[0].colour, r.shape == scene.objects[0].shape
         ok_c, ok_s, ok_both = ok_c + c, ok_s + s, ok_both + (c and s)
@@ -106,7 +106,7 @@ def evaluate_text_to_image(folder, n: int = 200, steps: int = 25, guidance_scale
 @torch.no_grad()
 def evaluate_two_object_text_to_image(folder, n: int = 200, steps: int = 25, guidance_scale: float = 6.0,
                                       seed: int = 0, batch_size: int = 25, min_area: int = MIN_AREA,
-                                      progress: bool = True) -> dict:
+                                      progress: bool = True, device: str = "cpu") -> dict:
     """Two-object held-out prompts ("a red circle and a blue square on a white background") ->
     images -> find_objects -> the judge on each object found.
 
@@ -127,7 +127,7 @@ def evaluate_two_object_text_to_image(folder, n: int = 200, steps: int = 25, gui
     both = exactly_two = first = second = 0
     counts = []
     for scene, image in generated_scenes(folder, scenes, steps, guidance_scale, seed, batch_size,
-                                         "two-object text-to-image eval", progress):
+                                         "two-object text-to-image eval", progress, device):
         masks = find_objects(image, min_area=min_area)
         seen = [(v.colour, v.shape) for v in (judge.classify(image, m) for m in masks)]
         named = scene.object_pairs()  # [(colour, shape), (colour, shape)] in prompt order
@@ -144,7 +144,8 @@ def evaluate_two_object_text_to_image(folder, n: int = 200, steps: int = 25, gui
 @torch.no_grad()
 def evaluate_diffedit(folder, n: int = 200, seed: int = 0, batch_size: int = 20,
                       blends: tuple[str, ...] = ("diffusers", "aligned"), settings: dict | None = None,
-                      progress: bool = True, return_images: bool = False, pairs: list | None = None) -> dict:
+                      progress: bool = True, return_images: bool = False, pairs: list | None = None,
+                      device: str = "cpu") -> dict:
     """DiffEdit on `edit_pairs(n, seed)`; returns the mean of each score per blend mode.
 
     `pairs`, if given, are the cases instead (data.EditPair objects, e.g. outside.outside_edit_pairs
@@ -158,7 +159,7 @@ def evaluate_diffedit(folder, n: int = 200, seed: int = 0, batch_size: int = 20,
         if not pairs:
             raise InputError("`pairs` is empty: give at least one edit case, or None for edit_pairs(n, seed).")
         n = len(pairs)
-    pipe = DiffEditPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = DiffEditPipeline.from_pretrained(folder, torch_dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge(Path(folder) / "judge")
     if pairs is None:
@@ -176,7 +177,7 @@ def evaluate_diffedit(folder, n: int = 200, seed: int = 0, batch_size: int = 20,
             generator=torch.Generator().manual_seed(seed + start), output_type="pt", mask_clamp=s["mask_clamp"])
         inv = pipe.invert(prompt=source, image=images, num_inference_steps=s["num_inference_steps"],
                           inpaint_strength=s["inpaint_strength"], guidance_scale=s["invert_guidance_scale"])
-        big = F.interpolate(mask[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].bool().numpy()
+        big = F.interpolate(mask[:, None].float(), size=images.shape[-2:], mode="nearest")[:, 0].bool().cpu().numpy()
         for p, m in zip(chunk, big):
             truth = p.changed_mask
             mask_iou.append(float((m & truth).sum() / max((m | truth).sum(), 1)))
@@ -185,7 +186,7 @@ def evaluate_diffedit(folder, n: int = 200, seed: int = 0, batch_size: int = 20,
             negative = source if s["negative_prompt"] == "source" else [s["negative_prompt"]] * len(chunk)
             edited = pipe(prompt=target, negative_prompt=negative, mask_image=mask, image_latents=inv,
                           num_inference_steps=s["num_inference_steps"], inpaint_strength=s["inpaint_strength"],
-                          guidance_scale=s["edit_guidance_scale"], output_type="pt", blend=blend).images  # [0, 1]
+                          guidance_scale=s["edit_guidance_scale"], output_type="pt", blend=blend).images.cpu()  # [0, 1]
             edited_np = edited.permute(0, 2, 3, 1).numpy()  # (B, H, W, 3)
             for p, e, e_np, o_np, m in zip(chunk, edited, edited_np, originals, big):
                 goal = p.target_scene.objects[p.index]
@@ -279,7 +280,7 @@ README_EXAMPLE = {
 
 @torch.no_grad()
 def evaluate_readme_example(folder, seeds=range(10), settings: dict | None = None, blend: str = "aligned",
-                            image: str | Path | None = None, progress: bool = True) -> dict:
+                            image: str | Path | None = None, progress: bool = True, device: str = "cpu") -> dict:
     """The README's edit (README_EXAMPLE) once per seed, with the calls `minidiff edit` makes.
 
     For each seed: generate_mask (edit_settings(folder) updated by `settings`,
@@ -308,7 +309,7 @@ def evaluate_readme_example(folder, seeds=range(10), settings: dict | None = Non
                                 f"or pass image=).")
     picture = PIL.Image.open(path).convert("RGB")
     original = np.asarray(picture, dtype=np.float32) / 255.0  # (H, W, 3) in [0, 1]
-    pipe = DiffEditPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    pipe = DiffEditPipeline.from_pretrained(folder, torch_dtype=torch.float32, device=device)
     pipe.set_progress_bar_config(disable=True)
     judge = load_judge(Path(folder) / "judge")
     regions = {(v.colour, v.shape): m for m in find_objects(picture) for v in [judge.classify(picture, m)]}
