@@ -6,7 +6,7 @@ cheap and a student can open exactly the file a name comes from.
 
 from __future__ import annotations
 
-import importlib
+from minidiff.lazy import lazy_names
 
 __version__ = "0.1.0"
 
@@ -39,11 +39,4 @@ _PUBLIC = {
 __all__ = sorted(_PUBLIC)
 
 
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module 'minidiff' has no attribute {name!r}")
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
-
-
-def __dir__():
-    return __all__
+__getattr__, __dir__ = lazy_names(__name__, _PUBLIC)

@@ -101,15 +101,18 @@ CHECKS: dict[str, Callable[[str, Any], None]] = {
 }
 
 
+def _entries(mapping: dict):
+    """A JSON object's (key, value) pairs without its comments (keys starting with "_")."""
+    return [(k, v) for k, v in mapping.items() if not (isinstance(k, str) and k.startswith("_"))]
+
+
 def check_settings(settings: Any, where: str) -> dict[str, dict[str, Any]]:
     """The settings without comments, each value checked; `where` names the file in the error."""
     if not isinstance(settings, dict):
         raise InputError(f"{where} must hold a JSON object with the sections {sorted(DIFFUSERS_DEFAULTS)}; "
                          f"got {type(settings).__name__}.")
     clean = {}
-    for section, values in settings.items():
-        if isinstance(section, str) and section.startswith("_"):
-            continue
+    for section, values in _entries(settings):
         if section not in DIFFUSERS_DEFAULTS:
             raise InputError(f"{where} has an unknown section {section!r}; the sections are "
                              f"{sorted(DIFFUSERS_DEFAULTS)} (keys starting with '_' are comments).")
@@ -117,9 +120,7 @@ def check_settings(settings: Any, where: str) -> dict[str, dict[str, Any]]:
             raise InputError(f"{where}: section {section!r} must be a JSON object of settings; got {values!r}.")
         known = DIFFUSERS_DEFAULTS[section]
         clean[section] = {}
-        for key, value in values.items():
-            if isinstance(key, str) and key.startswith("_"):
-                continue
+        for key, value in _entries(values):
             if key not in known:
                 raise InputError(f"{where}: section {section!r} has an unknown key {key!r}; it may name "
                                  f"{sorted(known)}.")
