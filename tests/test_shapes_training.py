@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from minidiff.errors import InputError
+from minidiff.models.unet import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL, AutoencoderKLConfig
 from minidiff.training.shapes.configs import TEXT_CONFIG, UNET_CONFIG, VAE_CONFIG, VISION_CONFIG
 from minidiff.training.shapes.export import folder_size_mb, save_pipeline
@@ -140,6 +141,39 @@ def test_save_pipeline_loads_in_minidiff_and_diffusers(two_runs, tmp_path):
     sched = json.loads((out / "scheduler" / "scheduler_config.json").read_text())
     assert (sched["beta_schedule"], sched["steps_offset"], sched["set_alpha_to_one"]) == ("scaled_linear", 1, False)
     compare_pipelines(out, StableDiffusionPipeline, diffusers)
+
+
+def test_stage_two_continues_an_exported_fp16_unet(two_runs, tmp_path):
+    """The model card's stage 2 through the command line: a checkpoint folder holding an exported
+    (fp16) pipeline's vae/ and text_encoder/, the UNet started from the exported UNet (--init-from),
+    with its own lr, warmup and pool size. The frozen components are used in float32 and training
+    moves the weights away from the starting point."""
+    exported = save_pipeline(tmp_path / "pipe", ckpt_dir=two_runs[0])  # fp16 files
+    ckpt = tmp_path / "stage2"
+    ckpt.mkdir()
+    for sub in ("vae", "text_encoder"):
+        shutil.copytree(exported / sub, ckpt / sub)
+    main(["unet", "--ckpt-dir", str(ckpt), "--init-from", str(exported / "unet"), "--steps", "2", "--batch-size", "2",
+          "--lr", "3e-4", "--warmup", "1", "--pool-size", "4"])
+    start = UNet2DConditionModel.from_pretrained(exported / "unet", torch_dtype=torch.float32)
+    trained = UNet2DConditionModel.from_pretrained(ckpt / "unet")
+    assert start.config.block_out_channels == trained.config.block_out_channels  # the exported config
+    assert not torch.equal(start.conv_in.weight, trained.conv_in.weight)
+    state = load_checkpoint(ckpt / "unet.pt")
+    assert state["step"] == 2
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["unet", "--init-from", "no/such/unet"], "not a UNet folder"),
+    (["vae", "--pool-size", "8"], "the unet command's"),
+    (["clip", "--init-from", "weights/shapes/unet"], "the unet command's"),
+])
+def test_stage_two_flags_refuse_bad_input_before_work(argv, says, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as err:
+        main(argv + ["--ckpt-dir", str(ckpt)])
+    assert err.value.code == 2 and says in capsys.readouterr().err
+    assert not ckpt.exists()
 
 
 def test_save_pipeline_refuses_a_folder_with_files_unless_overwrite(two_runs, tmp_path):

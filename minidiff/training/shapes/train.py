@@ -4,6 +4,8 @@
     minidiff train-shapes clip --steps 800 --batch-size 128
     minidiff train-shapes unet --steps 7000 --batch-size 32 --resume
     minidiff train-shapes unet --steps 7000 --batch-size 32 --device cuda   (vae, clip, unet: on a GPU)
+    minidiff train-shapes unet --init-from weights/shapes/unet --steps 9000 --lr 3e-4 --warmup 100
+                                                 (continue an exported UNet: v2's recipe, model card)
     minidiff train-shapes export --out weights/shapes --overwrite
     minidiff train-shapes eval --model weights/shapes --n 200        (text-to-image, judged)
     minidiff train-shapes eval-edit --model weights/shapes --n 200   (DiffEdit, judged)
@@ -72,6 +74,12 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--device", default=None,
                    help="vae, clip, unet: where to train, cpu (default), cuda or cuda:N; checkpoints stay CPU tensors")
+    p.add_argument("--lr", type=float, default=None, help="vae, clip, unet: peak learning rate (default: the loop's)")
+    p.add_argument("--warmup", type=int, default=None, help="vae, clip, unet: warmup steps (default: the loop's)")
+    p.add_argument("--pool-size", type=int, default=None,
+                   help="unet: training scenes encoded once into the latent pool (default 48000)")
+    p.add_argument("--init-from", default=None,
+                   help="unet: a UNet folder to start from (e.g. weights/shapes/unet) instead of random weights")
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT_DIR),
                    help="checkpoints and trained components (default $SHAPES_CKPT_DIR or /tmp/shapes_ckpt)")
     p.add_argument("--out", default=None, help="export: the pipeline folder to write")
@@ -93,7 +101,12 @@ def main(argv=None, prog: str | None = None) -> None:
     if args.device is not None and not training:
         p.error(f"{args.what} runs on the CPU: --device is for the training commands vae, clip and unet")
     device = training_device(args.device or "cpu") if training else None  # refused before any work
-    kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size)) if v is not None}
+    if args.what != "unet" and (args.init_from is not None or args.pool_size is not None):
+        p.error("--init-from and --pool-size are the unet command's")
+    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+        p.error(f"--init-from {args.init_from}: not a UNet folder (it has no config.json)")
+    kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
+                            ("warmup", args.warmup)) if v is not None}
     t0 = time.time()
     if args.what == "vae":
         judge = load_judge(Path(args.model) / "judge")  # before training: a missing judge fails now
@@ -105,8 +118,10 @@ def main(argv=None, prog: str | None = None) -> None:
                           device=device, **kw)
         print(json.dumps(evaluate_clip(clip), indent=2))
     elif args.what == "unet":
+        if args.pool_size is not None:
+            kw["pool_size"] = args.pool_size
         train_unet(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
-                   device=device, **kw)
+                   device=device, init_from=args.init_from, **kw)
     elif args.what == "export":
         save_pipeline(args.out, args.ckpt_dir, overwrite=args.overwrite)
         print(f"{args.out}: {folder_size_mb(args.out):.1f} MB (without the judge)")

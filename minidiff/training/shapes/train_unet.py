@@ -116,8 +116,10 @@ def train_unet(out_dir=DEFAULT_CKPT_DIR, steps: int = 12000, batch_size: int = 3
     indices, posterior samples, noise, t and caption dropout are drawn on the CPU generator, the
     weights start from the same CPU initialisation."""
     out_dir, device = Path(out_dir), training_device(device)
-    vae = AutoencoderKL.from_pretrained(out_dir / "vae").requires_grad_(False).to(device)
-    text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder").requires_grad_(False).to(device)
+    # float32 whatever the stored dtype: the components may come from an exported (fp16) folder
+    vae = AutoencoderKL.from_pretrained(out_dir / "vae", torch_dtype=torch.float32).requires_grad_(False).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(out_dir / "text_encoder", torch_dtype=torch.float32)
+    text_encoder.requires_grad_(False).to(device)
     text = TextCache(text_encoder, load_tokenizer())
     noise_scheduler = DDPMScheduler(**SD_SCHEDULE)
     pool = encode_pool(vae, seed + 2, pool_size, cache=out_dir / "latent_pool.pt", progress=progress)
