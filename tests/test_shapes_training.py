@@ -167,6 +167,10 @@ def test_stage_two_continues_an_exported_fp16_unet(two_runs, tmp_path):
     (["unet", "--init-from", "no/such/unet"], "not a UNet folder"),
     (["vae", "--pool-size", "8"], "the unet command's"),
     (["clip", "--init-from", "weights/shapes/unet"], "the unet command's"),
+    (["eval", "--lr", "1e-3"], "trains nothing"),
+    (["unet", "--lr", "-1"], "--lr must be a number above 0"),
+    (["unet", "--warmup", "-5"], "--warmup must be"),
+    (["unet", "--pool-size", "0"], "--pool-size must be"),
 ])
 def test_stage_two_flags_refuse_bad_input_before_work(argv, says, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"

@@ -101,8 +101,16 @@ def main(argv=None, prog: str | None = None) -> None:
     if args.device is not None and not training:
         p.error(f"{args.what} runs on the CPU: --device is for the training commands vae, clip and unet")
     device = training_device(args.device or "cpu") if training else None  # refused before any work
+    if not training and (args.lr is not None or args.warmup is not None):
+        p.error(f"{args.what} trains nothing: --lr and --warmup are for the training commands vae, clip and unet")
     if args.what != "unet" and (args.init_from is not None or args.pool_size is not None):
         p.error("--init-from and --pool-size are the unet command's")
+    if args.lr is not None and not args.lr > 0:
+        p.error(f"--lr must be a number above 0; got {args.lr}")
+    if args.warmup is not None and args.warmup < 0:
+        p.error(f"--warmup must be a whole number of steps, 0 or more; got {args.warmup}")
+    if args.pool_size is not None and args.pool_size < 1:
+        p.error(f"--pool-size must be a whole number of scenes, 1 or more; got {args.pool_size}")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         p.error(f"--init-from {args.init_from}: not a UNet folder (it has no config.json)")
     kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
