@@ -168,15 +168,28 @@ def test_stage_two_continues_an_exported_fp16_unet(two_runs, tmp_path):
     (["vae", "--pool-size", "8"], "the unet command's"),
     (["clip", "--init-from", "weights/shapes/unet"], "the unet command's"),
     (["eval", "--lr", "1e-3"], "trains nothing"),
-    (["unet", "--lr", "-1"], "--lr must be a number above 0"),
-    (["unet", "--warmup", "-5"], "--warmup must be"),
-    (["unet", "--pool-size", "0"], "--pool-size must be"),
 ])
 def test_stage_two_flags_refuse_bad_input_before_work(argv, says, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"
     with pytest.raises(SystemExit) as err:
         main(argv + ["--ckpt-dir", str(ckpt)])
     assert err.value.code == 2 and says in capsys.readouterr().err
+    assert not ckpt.exists()
+
+
+@pytest.mark.parametrize("argv, says", [
+    (["unet", "--lr", "-1"], "--lr must be"),
+    (["unet", "--lr", "nan"], "--lr must be"),
+    (["unet", "--warmup", "-5"], "--warmup must be"),
+    (["unet", "--pool-size", "0"], "--pool-size must be a positive whole number of scenes"),
+])
+def test_stage_two_values_out_of_range_are_one_sentence_before_work(argv, says, tmp_path):
+    # The shared checks of minidiff/validation.py: an InputError, which both command lines turn into
+    # one sentence and status 2 (the __main__ block here, cli.cmd_train_shapes for `minidiff`).
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(InputError, match=says) as err:
+        main(argv + ["--ckpt-dir", str(ckpt)])
+    assert str(err.value).endswith(".")
     assert not ckpt.exists()
 
 

@@ -55,6 +55,7 @@ from minidiff.training.shapes.outside import outside_edit_pairs
 from minidiff.training.shapes.train_clip import train_clip
 from minidiff.training.shapes.train_unet import train_unet
 from minidiff.training.shapes.train_vae import train_vae
+from minidiff.validation import check_number, check_positive_int
 
 DEFAULT_MODEL = "weights/shapes"  # relative: the bundled model, seen from the repository root
 
@@ -105,12 +106,12 @@ def main(argv=None, prog: str | None = None) -> None:
         p.error(f"{args.what} trains nothing: --lr and --warmup are for the training commands vae, clip and unet")
     if args.what != "unet" and (args.init_from is not None or args.pool_size is not None):
         p.error("--init-from and --pool-size are the unet command's")
-    if args.lr is not None and not args.lr > 0:
-        p.error(f"--lr must be a number above 0; got {args.lr}")
-    if args.warmup is not None and args.warmup < 0:
-        p.error(f"--warmup must be a whole number of steps, 0 or more; got {args.warmup}")
-    if args.pool_size is not None and args.pool_size < 1:
-        p.error(f"--pool-size must be a whole number of scenes, 1 or more; got {args.pool_size}")
+    if args.lr is not None:
+        check_number("--lr", args.lr, low=0, low_open=True, why="the peak learning rate")
+    if args.warmup is not None:
+        check_number("--warmup", args.warmup, low=0, why="steps of linear warmup")
+    if args.pool_size is not None:
+        check_positive_int("--pool-size", args.pool_size, " of scenes")
     if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         p.error(f"--init-from {args.init_from}: not a UNet folder (it has no config.json)")
     kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
