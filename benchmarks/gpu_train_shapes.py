@@ -221,8 +221,10 @@ def train_family(a, ckpt: Path, device: torch.device, deadline: float, report: R
     calls = {
         "vae": lambda minutes: train_vae(ckpt, steps=a.vae_steps, batch_size=a.vae_batch, seed=a.seed,
                                          resume=a.resume, max_minutes=minutes, device=device, progress=False, **tiny),
+        # v1's CLIP, without the hard negatives v3's stage 2 added (model card, "Training")
         "clip": lambda minutes: train_clip(ckpt, steps=a.clip_steps, batch_size=a.clip_batch, seed=a.seed,
-                                           resume=a.resume, max_minutes=minutes, device=device, progress=False),
+                                           resume=a.resume, max_minutes=minutes, device=device, progress=False,
+                                           hard_negatives=False),
         "unet": lambda minutes: train_unet(ckpt, steps=a.unet_steps, batch_size=a.unet_batch, seed=a.seed,
                                            pool_size=a.unet_pool, resume=a.resume, max_minutes=minutes,
                                            device=device, progress=False),

@@ -14,21 +14,26 @@ __version__ = "0.1.0"
 _PUBLIC = {
     # tokenizer and loading
     "CLIPTokenizer": "minidiff.tokenizer",
+    "CLIPImageProcessor": "minidiff.image_processor",
     # schedulers
     "DDPMScheduler": "minidiff.schedulers.ddpm",
     "DDIMScheduler": "minidiff.schedulers.ddim",
     "DDIMInverseScheduler": "minidiff.schedulers.ddim",
+    "UnCLIPScheduler": "minidiff.schedulers.unclip",
     # models
     "CLIPTextModel": "minidiff.models.clip",
     "CLIPTextModelWithProjection": "minidiff.models.clip",
     "CLIPVisionModelWithProjection": "minidiff.models.clip",
     "AutoencoderKL": "minidiff.models.vae",
     "UNet2DConditionModel": "minidiff.models.unet",
+    "PriorTransformer": "minidiff.models.prior",
     # pipelines
     "StableDiffusionPipeline": "minidiff.pipelines.text_to_image",
     "DiffEditPipeline": "minidiff.pipelines.diffedit",
     "StableDiffusionDiffEditPipeline": "minidiff.pipelines.diffedit",  # diffusers' name, the same class
     "DiffusionPipeline": "minidiff.pipelines.pipeline",
+    "KandinskyV22PriorPipeline": "minidiff.pipelines.kandinsky",
+    "KandinskyPriorPipeline": "minidiff.pipelines.kandinsky",  # diffusers' 2.1 name, the same class here
     # quantization at load time (diffusers.quantizers.PipelineQuantizationConfig)
     "PipelineQuantizationConfig": "minidiff.quantizers",
     # attention backend switch

@@ -10,6 +10,8 @@
     minidiff train-shapes WHAT    train / export / evaluate the shapes-world models (WHAT: vae, clip,
                                   unet, export, eval, eval-edit, eval-two-objects, eval-edit-outside, eval-readme;
                                   `minidiff train-shapes -h` for options)
+    minidiff train-prior ...      train a Kandinsky 2.2 prior with the arguments of diffusers'
+                                  train_text_to_image_prior.py (`minidiff train-prior -h`)
 
 `generate`, `mask`, `invert` and `edit` take the defaults of their flags from the model folder's
 recommended_settings.json (minidiff/pipelines/settings.py; weights/shapes has one: with no flags
@@ -438,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of minidiff.training.shapes.train")
     p.set_defaults(func=cmd_train_shapes)
+
+    p = sub.add_parser("train-prior", help="train a Kandinsky 2.2 prior (the guide's script arguments)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of minidiff.training.prior")
+    p.set_defaults(func=cmd_train_prior)
     return parser
 
 
@@ -445,6 +452,13 @@ def cmd_train_shapes(args) -> int:
     from minidiff.training.shapes.train import main as train_main
 
     train_main(args.rest, prog="minidiff train-shapes")
+    return 0
+
+
+def cmd_train_prior(args) -> int:
+    from minidiff.training.prior import main as train_main
+
+    train_main(args.rest, prog="minidiff train-prior")
     return 0
 
 
@@ -461,7 +475,12 @@ def _remove_empty_created() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "train-prior":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:  # argparse leaves a REMAINDER empty when it starts with a flag; train-prior's all do
+        args.rest = extra + args.rest
     _created.clear()
     debug = args.debug or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")
     try:

@@ -128,3 +128,53 @@ def save_tiny_pipeline(folder: str | Path, flavour: str = "sd1", seed: int = 0) 
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     return folder
+
+
+def tiny_prior(seed: int = 0, embedding_dim: int = TEXT_HIDDEN):
+    """diffusers' PriorTransformer in Kandinsky 2.2's layout (81 tokens), tiny, every weight
+    random (clip_mean / clip_std too, which diffusers starts at zero)."""
+    from diffusers import PriorTransformer
+
+    torch.manual_seed(seed)
+    prior = PriorTransformer(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=embedding_dim,
+                             num_embeddings=77, additional_embeddings=4)
+    with torch.no_grad():
+        for p in prior.parameters():
+            if p.dim() < 2:  # biases, norms, the learned tokens: diffusers starts many at 0 or 1
+                p.normal_(0, 0.2)
+        prior.clip_std.uniform_(0.5, 1.5)
+    return prior.eval()
+
+
+def save_tiny_prior_pipeline(folder: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """A complete tiny random Kandinsky 2.2 prior pipeline folder (kandinsky-2-2-prior's layout),
+    written by diffusers' KandinskyV22PriorPipeline.save_pretrained."""
+    from diffusers import KandinskyV22PriorPipeline, UnCLIPScheduler
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        CLIPTokenizer,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from minidiff.data import config_folder
+
+    folder = Path(folder)
+    torch.manual_seed(seed)
+    text = CLIPTextModelWithProjection(CLIPTextConfig(
+        vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=77, projection_dim=TEXT_HIDDEN, bos_token_id=49406, eos_token_id=49407,
+        pad_token_id=49407)).eval()
+    vision = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=TEXT_HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        image_size=image_size, patch_size=8, projection_dim=TEXT_HIDDEN)).eval()
+    tokenizer = CLIPTokenizer(str(CLIP_TOKENIZER / "vocab.json"), str(CLIP_TOKENIZER / "merges.txt"),
+                              pad_token="<|endoftext|>", model_max_length=77)
+    processor = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    scheduler = UnCLIPScheduler.from_pretrained(config_folder("kandinsky-2-2-prior"), subfolder="scheduler")
+    pipe = KandinskyV22PriorPipeline(prior=tiny_prior(seed), image_encoder=vision, text_encoder=text,
+                                     tokenizer=tokenizer, scheduler=scheduler, image_processor=processor)
+    pipe.save_pretrained(folder)
+    return folder

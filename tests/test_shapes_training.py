@@ -166,7 +166,9 @@ def test_stage_two_continues_an_exported_fp16_unet(two_runs, tmp_path):
 @pytest.mark.parametrize("argv, says", [
     (["unet", "--init-from", "no/such/unet"], "not a UNet folder"),
     (["vae", "--pool-size", "8"], "the unet command's"),
-    (["clip", "--init-from", "weights/shapes/unet"], "the unet command's"),
+    (["clip", "--init-from", "weights/shapes/unet"], "not a model folder with text_encoder/ and image_encoder/"),
+    (["vae", "--init-from", "weights/shapes"], "for the unet and clip commands"),
+    (["unet", "--no-hard-negatives"], "the clip command's"),
     (["eval", "--lr", "1e-3"], "trains nothing"),
 ])
 def test_stage_two_flags_refuse_bad_input_before_work(argv, says, tmp_path, capsys):
@@ -339,3 +341,37 @@ def tensor_devices(obj) -> set[str]:
     if isinstance(obj, (list, tuple)):
         return set().union(*(tensor_devices(v) for v in obj))
     return set()
+
+
+def test_hard_negatives_bind_the_words_wrongly():
+    """train_clip's hard negative: the same words, swapped between the objects (or, where a swap
+    changes nothing, another colour), so its content key differs from the scene's."""
+    import random
+
+    from minidiff.training.shapes.data import describe, render
+    from minidiff.training.shapes.train_clip import hard_negative, scene_key
+
+    def scene(objects, template=0):
+        specs = [{"shape": sh, "colour": c, "centre": (30.0 + 60 * i, 64.0), "size": 40.0, "rotation": 0.0}
+                 for i, (c, sh) in enumerate(objects)]
+        return render(specs, "white", describe(objects, "white", template))
+
+    rng = random.Random(0)
+    s = scene([("red", "circle"), ("green", "square")], template=1)
+    caption, key = hard_negative(s, rng)
+    assert caption == "a green circle next to a red square on a white background"
+    assert key != scene_key(s) and set(caption.split()) == set(s.caption.split())
+    for objects in ([("red", "circle"), ("red", "square")], [("red", "star"), ("blue", "star")], [("red", "star")]):
+        s = scene(objects)
+        caption, key = hard_negative(s, rng)
+        assert key != scene_key(s) and caption != s.caption
+
+
+def test_clip_starts_from_a_model_folder(tmp_path):
+    """--init-from for clip: both towers start from the folder's weights (the shipped ones here)."""
+    from minidiff.models.clip import CLIPTextModel
+
+    clip = train_clip(tmp_path, steps=1, batch_size=4, lr=1e-12, warmup=0, init_from=SHIPPED, progress=False)
+    shipped = CLIPTextModel.from_pretrained(SHIPPED / "text_encoder", torch_dtype=torch.float32)
+    a, b = clip.text.state_dict(), shipped.state_dict()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6

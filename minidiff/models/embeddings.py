@@ -5,6 +5,7 @@
                         noise level, as in the DDPM UNet (Ho et al. 2020, appendix B).
     Timesteps           the same as a parameter-free module (diffusers' `time_proj`).
     TimestepEmbedding   Linear -> activation -> Linear (`linear_1`, `linear_2`: the checkpoint keys).
+    batch_timesteps     a forward's `timestep` argument (number, 0-d or (B,) tensor) -> (B,)
 
 Shared by the UNet (SD 1.x/2.x) and the Kandinsky / unCLIP prior, so it keeps the two knobs they
 differ in: `flip_sin_to_cos` (order of the halves) and `downscale_freq_shift` (spacing of the
@@ -22,6 +23,25 @@ from minidiff.errors import InputError
 
 # The activations diffusers' configs name ("swish" is another name for SiLU).
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "gelu": nn.GELU, "mish": nn.Mish, "relu": nn.ReLU}
+
+
+def batch_timesteps(timestep, batch: int, device, number_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The timestep argument of a model's forward -> (B,) on `device`: a Python number, a 0-d
+    tensor or a (B,) / (1,) tensor. A tensor passes as it is (so torch.jit.trace records it as an
+    input, not a constant); a number becomes a tensor of `number_dtype` (None: torch's choice, so
+    a float stays a float; the prior passes torch.long, truncating as diffusers' prior does)."""
+    if isinstance(timestep, torch.Tensor):
+        t = timestep.to(device)
+    elif number_dtype is not None:
+        t = torch.tensor([timestep], dtype=number_dtype, device=device)
+    else:
+        t = torch.as_tensor(timestep, device=device)
+    if t.ndim == 0:
+        t = t[None]
+    if t.ndim != 1 or t.shape[0] not in (1, batch):
+        raise InputError(f"timestep must be a number, a 0-d tensor or a tensor of shape ({batch},), "
+                         f"got shape {tuple(t.shape)}.")
+    return t.expand(batch)  # (B,)
 
 
 def timestep_embedding(

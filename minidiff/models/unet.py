@@ -41,7 +41,7 @@ from torch import nn
 
 from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
-from minidiff.models.embeddings import TimestepEmbedding, Timesteps
+from minidiff.models.embeddings import TimestepEmbedding, Timesteps, batch_timesteps
 from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from minidiff.models.transformer import SpatialTransformer
 from minidiff.single_file import SingleFileMixin
@@ -399,7 +399,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
         tuple `(sample,)`.
         """
         B = self._check_inputs(sample, encoder_hidden_states)
-        t = self._timesteps(timestep, B, sample.device)  # (B,)
+        t = batch_timesteps(timestep, B, sample.device)  # (B,)
         context = encoder_hidden_states
 
         x = 2 * sample - 1.0 if self.config.center_input_sample else sample
@@ -451,15 +451,3 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
                 f"{context.dtype}; cast the inputs with .to({self.dtype})."
             )
         return sample.shape[0]
-
-    @staticmethod
-    def _timesteps(timestep, batch: int, device) -> torch.Tensor:
-        # A tensor passes as it is (so torch.jit.trace records it as an input, not a constant).
-        t = timestep.to(device) if isinstance(timestep, torch.Tensor) else torch.as_tensor(timestep, device=device)
-        if t.ndim == 0:
-            t = t[None]
-        if t.ndim != 1 or t.shape[0] not in (1, batch):
-            raise InputError(
-                f"timestep must be a number, a 0-d tensor or a tensor of shape ({batch},), got shape {tuple(t.shape)}."
-            )
-        return t.expand(batch)  # (B,)

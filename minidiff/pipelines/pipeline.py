@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minidiff.errors import InputError, NonFiniteError
+from minidiff.image_processor import CLIPImageProcessor
 from minidiff.loading import read_json, refuse_pickled, resolve_folder, write_json
 from minidiff.memory.nf4 import NF4_LAYERS, load_quantized, save_quantized
 from minidiff.models.attention import set_attention_backend, set_attention_slice
@@ -47,6 +48,7 @@ from minidiff.models.clip import (
     CLIPTextModelWithProjection,
     CLIPVisionModelWithProjection,
 )
+from minidiff.models.prior import PriorTransformer
 from minidiff.models.unet import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
 from minidiff.pipelines.settings import (
@@ -55,6 +57,7 @@ from minidiff.pipelines.settings import (
 )
 from minidiff.schedulers.ddim import DDIMInverseScheduler, DDIMScheduler
 from minidiff.schedulers.ddpm import DDPMScheduler
+from minidiff.schedulers.unclip import UnCLIPScheduler
 from minidiff.tokenizer import CLIPTokenizer
 
 # Components diffusers' SD pipelines take that minidiff does not have. A folder may list them; a
@@ -70,11 +73,16 @@ def component_class(class_name: str) -> tuple[type, str]:
         "DDIMScheduler": (DDIMScheduler, "diffusers"),
         "DDIMInverseScheduler": (DDIMInverseScheduler, "diffusers"),
         "DDPMScheduler": (DDPMScheduler, "diffusers"),
+        "UnCLIPScheduler": (UnCLIPScheduler, "diffusers"),
+        "PriorTransformer": (PriorTransformer, "diffusers"),
         "CLIPTextModel": (CLIPTextModel, "transformers"),
         "CLIPTextModelWithProjection": (CLIPTextModelWithProjection, "transformers"),
         "CLIPVisionModelWithProjection": (CLIPVisionModelWithProjection, "transformers"),
         "CLIPTokenizer": (CLIPTokenizer, "transformers"),
         "CLIPTokenizerFast": (CLIPTokenizer, "transformers"),
+        # transformers 5 names its PIL implementation CLIPImageProcessorPil in what it saves.
+        "CLIPImageProcessor": (CLIPImageProcessor, "transformers"),
+        "CLIPImageProcessorPil": (CLIPImageProcessor, "transformers"),
     }
     if class_name in known:
         return known[class_name]
@@ -93,6 +101,8 @@ PIPELINE_CLASSES = {
     "StableDiffusionPipeline": ("minidiff.pipelines.text_to_image", "StableDiffusionPipeline"),
     "StableDiffusionDiffEditPipeline": ("minidiff.pipelines.diffedit", "DiffEditPipeline"),
     "DiffEditPipeline": ("minidiff.pipelines.diffedit", "DiffEditPipeline"),
+    "KandinskyV22PriorPipeline": ("minidiff.pipelines.kandinsky", "KandinskyV22PriorPipeline"),
+    "KandinskyPriorPipeline": ("minidiff.pipelines.kandinsky", "KandinskyPriorPipeline"),
 }
 
 
@@ -222,9 +232,10 @@ class DiffusionPipeline:
                 _, library = component_class(type(component).__name__)
                 index[name] = [library, type(component).__name__]
                 self._save_component(component, staging / name, variant)
-            for name in ABSENT_COMPONENTS:
-                index.setdefault(name, [None, None])
-            index["requires_safety_checker"] = False
+            if "requires_safety_checker" in inspect.signature(type(self).__init__).parameters:  # SD's folders
+                for name in ABSENT_COMPONENTS:
+                    index.setdefault(name, [None, None])
+                index["requires_safety_checker"] = False
             write_json(index, staging / "model_index.json")
             if self.recommended_settings:
                 write_recommended_settings(self.recommended_settings, staging)

@@ -8,7 +8,8 @@ training of a small Stable-Diffusion-style model family on it, one job per file:
     train_vae.py   the f=8 autoencoder          train_clip.py   the text encoder (with a vision tower)
     train_unet.py  the text-conditioned UNet    evaluate.py     held-out, judge-scored evaluations
     export.py      the pipeline folder (the diffusers layout) from the trained components
-    train.py       the command line: `minidiff train-shapes vae|clip|unet|export|eval|eval-edit`
+    prior_folder.py  the shapes CLIP as a Kandinsky prior folder (the start of `minidiff train-prior`)
+    train.py       the command line: `minidiff train-shapes vae|clip|unet|export|prior-folder|eval...`
 
 Nothing here knows where the repository is: every function takes the folder it reads or writes
 (the bundled model is the folder weights/shapes, addressed by path like any other).

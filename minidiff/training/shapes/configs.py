@@ -54,3 +54,12 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=TEXT_CONFIG["hidden_size"], use_linear_projection=False,
 )
+# The shapes prior (a Kandinsky 2.2 PriorTransformer, 81 tokens): CLIP's 64-wide embeddings in,
+# 4 pre-LayerNorm blocks of width 4 x 32 = 128 (the official prior: 20 blocks of 32 x 64 = 2048).
+PRIOR_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=32, num_layers=4, embedding_dim=TEXT_CONFIG["projection_dim"],
+    num_embeddings=TEXT_CONFIG["max_position_embeddings"], additional_embeddings=4, dropout=0.0,
+)
+# The prior's sampler, as kandinsky-2-2-prior's scheduler_config.json sets it.
+PRIOR_SCHEDULER = dict(num_train_timesteps=1000, variance_type="fixed_small_log", clip_sample=True,
+                       clip_sample_range=10.0, prediction_type="sample")

@@ -322,14 +322,18 @@ def make_scene(rng_or_seed=0, num_objects: int | None = None, size: int = DEFAUL
         raise InputError(f"num_objects must be 1, 2 or None (random); got {num_objects}.")
     if size < 32:
         raise InputError(f"Scenes need size >= 32 pixels for recognisable objects; got {size}.")
-    rng = _as_rng(rng_or_seed)
+    specs, background, caption = _scene_spec(_as_rng(rng_or_seed), num_objects, size, template)
+    return render(specs, background, caption, size)
+
+
+def _scene_spec(rng: np.random.Generator, num_objects: int | None, size: int, template: int | None):
+    """make_scene's random draws, without the drawing: (object specs, background, caption)."""
     n = int(rng.integers(1, 3)) if num_objects is None else num_objects
     background = list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
     specs = sample_objects(rng, n, size)
     templates = SINGLE_TEMPLATES if n == 1 else PAIR_TEMPLATES
     t = int(rng.integers(len(templates))) if template is None else template
-    caption = describe([(s["colour"], s["shape"]) for s in specs], background, t)
-    return render(specs, background, caption, size)
+    return specs, background, describe([(s["colour"], s["shape"]) for s in specs], background, t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -345,6 +349,21 @@ def scene_stream(seed: int = 0, num_objects: int | None = None, size: int = DEFA
         i += 1
 
 
+# The training streams of the family: the VAE reads stream 0, CLIP 1, the UNet 2 (each loop's
+# seed + its offset); the prior reads this one.
+SHAPES_TRAIN_SEED = 3
+
+
+def training_scene(seed: int, i: int, size: int = DEFAULT_SIZE) -> Scene:
+    """Scene i of training stream `seed` (what scene_stream(seed) yields i-th)."""
+    return make_scene(np.random.default_rng((_TRAIN, seed, i)), None, size)
+
+
+def training_caption(seed: int, i: int, size: int = DEFAULT_SIZE) -> str:
+    """The caption of training_scene(seed, i), without drawing the scene."""
+    return _scene_spec(np.random.default_rng((_TRAIN, seed, i)), None, size, None)[2]
+
+
 def held_out_scenes(split: str = "test", n: int = 1000, num_objects: int | None = None,
                     size: int = DEFAULT_SIZE) -> list[Scene]:
     """The first n scenes of a fixed evaluation set ("val" or "test"), never in any training
@@ -353,6 +372,13 @@ def held_out_scenes(split: str = "test", n: int = 1000, num_objects: int | None 
         raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
     return [make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), num_objects, size, template=0)
             for i in range(n)]
+
+
+def held_out_scene(split: str, i: int, size: int = DEFAULT_SIZE) -> Scene:
+    """Scene i of held_out_scenes(split, ...), on its own."""
+    if split not in SPLITS:
+        raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
+    return make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), None, size, template=0)
 
 
 @dataclasses.dataclass

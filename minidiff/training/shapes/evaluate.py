@@ -54,7 +54,7 @@ from minidiff.pipelines.text_to_image import StableDiffusionPipeline
 from minidiff.training.shapes.data import edit_pairs, held_out_scenes, scenes_to_tensor
 from minidiff.training.shapes.find_objects import MIN_AREA, find_objects
 from minidiff.training.shapes.judge import ShapesJudge, evaluate_judge, load_judge
-from minidiff.training.shapes.train_clip import ShapesCLIP, load_tokenizer, scene_key
+from minidiff.training.shapes.train_clip import ShapesCLIP, binding_accuracy, load_tokenizer, scene_key
 from minidiff.validation import check_choice, check_positive_int
 
 
@@ -254,7 +254,9 @@ def evaluate_vae(vae: AutoencoderKL, judge: ShapesJudge, n: int = 200) -> dict:
 @torch.no_grad()
 def evaluate_clip(clip: ShapesCLIP, n: int = 200) -> dict:
     """Held-out retrieval: for each image, is the best-scoring caption (among the n canonical
-    captions) one with the image's content? And the same from captions to images."""
+    captions) one with the image's content? And the same from captions to images. Binding: on
+    two-object scenes of different colours and shapes, how often the image scores its caption
+    above the one with the colours swapped (train_clip.binding_accuracy; 0.5 = a bag of words)."""
     scenes = held_out_scenes("val", n)
     tok = load_tokenizer()
     t = clip.embed_text(tok([s.caption for s in scenes]).input_ids)
@@ -263,7 +265,10 @@ def evaluate_clip(clip: ShapesCLIP, n: int = 200) -> dict:
     keys = [scene_key(s) for s in scenes]
     i2t = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(dim=1))) / n
     t2i = sum(keys[int(i)] == keys[j] for j, i in enumerate(sim.argmax(dim=0))) / n
-    return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "n": n}
+    two = [s for s in held_out_scenes("val", 4 * n, num_objects=2)
+           if len({o.colour for o in s.objects}) == 2 and len({o.shape for o in s.objects}) == 2][:n]
+    return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "n": n,
+            "binding_vs_colour_swap": binding_accuracy(clip, two), "n_binding": len(two)}
 
 
 # The README's first command (relative image path: seen from the repository root, like

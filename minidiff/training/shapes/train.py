@@ -1,17 +1,19 @@
 """Command line of the shapes world: train the model family, export it, score it.
 
     minidiff train-shapes vae  --steps 4000 --batch-size 16      (= python -m minidiff.training.shapes.train ...)
-    minidiff train-shapes clip --steps 800 --batch-size 128
+    minidiff train-shapes clip --steps 800 --batch-size 128 --no-hard-negatives   (v1; v3: --init-from, hard negatives)
     minidiff train-shapes unet --steps 7000 --batch-size 32 --resume
     minidiff train-shapes unet --steps 7000 --batch-size 32 --device cuda   (vae, clip, unet: on a GPU)
     minidiff train-shapes unet --init-from weights/shapes/unet --steps 9000 --lr 3e-4 --warmup 100
                                                  (continue an exported UNet: v2's recipe, model card)
     minidiff train-shapes export --out weights/shapes --overwrite
+    minidiff train-shapes prior-folder --out DIR     (the shapes CLIP as a prior folder for minidiff train-prior)
     minidiff train-shapes eval --model weights/shapes --n 200        (text-to-image, judged)
     minidiff train-shapes eval-edit --model weights/shapes --n 200   (DiffEdit, judged)
     minidiff train-shapes eval-two-objects --n 200   (text-to-image, two-object prompts, judged)
     minidiff train-shapes eval-edit-outside --n 200  (DiffEdit on scenes drawn with plain PIL, outside.py)
     minidiff train-shapes eval-readme --seeds 10     (the README's edit on seeds 0..9; --blend, default aligned)
+    minidiff train-shapes eval-prior --model weights/shapes-prior   (the prior on held-out captions, guidance 1 and 4)
 
 Train in the order vae, clip, unet (the UNet reads the frozen VAE and text encoder); each writes
 its checkpoint and its component to --ckpt-dir (default $SHAPES_CKPT_DIR, else /tmp/shapes_ckpt).
@@ -39,7 +41,8 @@ import time
 from pathlib import Path
 
 from minidiff.errors import InputError
-from minidiff.training.shapes.configs import DEFAULT_CKPT_DIR
+from minidiff.loading import write_json
+from minidiff.training.shapes.configs import DEFAULT_CKPT_DIR, PRIOR_CONFIG
 from minidiff.training.shapes.evaluate import (
     evaluate_clip,
     evaluate_diffedit,
@@ -52,6 +55,7 @@ from minidiff.training.shapes.export import folder_size_mb, save_pipeline
 from minidiff.training.shapes.judge import load_judge
 from minidiff.training.shapes.loop import training_device
 from minidiff.training.shapes.outside import outside_edit_pairs
+from minidiff.training.shapes.prior_folder import save_prior_encoders
 from minidiff.training.shapes.train_clip import train_clip
 from minidiff.training.shapes.train_unet import train_unet
 from minidiff.training.shapes.train_vae import train_vae
@@ -62,10 +66,11 @@ DEFAULT_MODEL = "weights/shapes"  # relative: the bundled model, seen from the r
 
 def main(argv=None, prog: str | None = None) -> None:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["vae", "clip", "unet", "export", "eval", "eval-edit", "eval-two-objects",
-                                    "eval-edit-outside", "eval-readme"],
+    p.add_argument("what", choices=["vae", "clip", "unet", "export", "prior-folder", "eval", "eval-edit",
+                                    "eval-two-objects", "eval-edit-outside", "eval-readme", "eval-prior"],
                    help="a component to train (vae, clip, unet: in that order), export (assemble the "
-                        "diffusers folder --out), or a judged evaluation: eval (text-to-image), eval-edit "
+                        "diffusers folder --out), prior-folder (the shapes CLIP as the starting folder of "
+                        "`minidiff train-prior`, --out, with the shapes prior's prior_config.json), or a judged evaluation: eval (text-to-image), eval-edit "
                         "(DiffEdit), eval-two-objects (two-object text-to-image), eval-edit-outside (DiffEdit "
                         "on scenes drawn outside the generator), eval-readme (the README's edit over --seeds)")
     p.add_argument("--steps", type=int, default=None)
@@ -80,7 +85,10 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--pool-size", type=int, default=None,
                    help="unet: training scenes encoded once into the latent pool (default 48000)")
     p.add_argument("--init-from", default=None,
-                   help="unet: a UNet folder to start from (e.g. weights/shapes/unet) instead of random weights")
+                   help="unet: a UNet folder to start from (e.g. weights/shapes/unet); clip: a model folder "
+                        "with text_encoder/ and image_encoder/ (e.g. weights/shapes); instead of random weights")
+    p.add_argument("--no-hard-negatives", action="store_true",
+                   help="clip: train without the colour-swapped captions (train_clip.py; v1's recipe)")
     p.add_argument("--ckpt-dir", default=str(DEFAULT_CKPT_DIR),
                    help="checkpoints and trained components (default $SHAPES_CKPT_DIR or /tmp/shapes_ckpt)")
     p.add_argument("--out", default=None, help="export: the pipeline folder to write")
@@ -94,9 +102,9 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--blend", choices=["diffusers", "aligned"], default="aligned",
                    help="eval-readme: the blend of the masked denoising (default aligned, as the README)")
     args = p.parse_args(argv)
-    if args.what == "export" and args.out is None:
-        p.error("export needs --out FOLDER, the pipeline folder to write")
-    if args.what != "export" and args.out is not None:
+    if args.what in ("export", "prior-folder") and args.out is None:
+        p.error(f"{args.what} needs --out FOLDER, the folder to write")
+    if args.what not in ("export", "prior-folder") and args.out is not None:
         p.error(f"{args.what} does not write a pipeline folder: --out is export's; the folder to score is --model")
     training = args.what in ("vae", "clip", "unet")
     if args.device is not None and not training:
@@ -104,16 +112,23 @@ def main(argv=None, prog: str | None = None) -> None:
     device = training_device(args.device or "cpu") if training else None  # refused before any work
     if not training and (args.lr is not None or args.warmup is not None):
         p.error(f"{args.what} trains nothing: --lr and --warmup are for the training commands vae, clip and unet")
-    if args.what != "unet" and (args.init_from is not None or args.pool_size is not None):
-        p.error("--init-from and --pool-size are the unet command's")
+    if args.what != "unet" and args.pool_size is not None:
+        p.error("--pool-size is the unet command's")
+    if args.what not in ("unet", "clip") and args.init_from is not None:
+        p.error("--init-from is for the unet and clip commands")
+    if args.what != "clip" and args.no_hard_negatives:
+        p.error("--no-hard-negatives is the clip command's")
     if args.lr is not None:
         check_number("--lr", args.lr, low=0, low_open=True, why="the peak learning rate")
     if args.warmup is not None:
         check_number("--warmup", args.warmup, low=0, why="steps of linear warmup")
     if args.pool_size is not None:
         check_positive_int("--pool-size", args.pool_size, " of scenes")
-    if args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
+    if args.what == "unet" and args.init_from is not None and not (Path(args.init_from) / "config.json").is_file():
         p.error(f"--init-from {args.init_from}: not a UNet folder (it has no config.json)")
+    if args.what == "clip" and args.init_from is not None and not all(
+            (Path(args.init_from) / sub / "config.json").is_file() for sub in ("text_encoder", "image_encoder")):
+        p.error(f"--init-from {args.init_from}: not a model folder with text_encoder/ and image_encoder/")
     kw = {k: v for k, v in (("steps", args.steps), ("batch_size", args.batch_size), ("lr", args.lr),
                             ("warmup", args.warmup)) if v is not None}
     t0 = time.time()
@@ -124,7 +139,7 @@ def main(argv=None, prog: str | None = None) -> None:
         print(json.dumps(evaluate_vae(vae, judge), indent=2))
     elif args.what == "clip":
         clip = train_clip(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
-                          device=device, **kw)
+                          device=device, hard_negatives=not args.no_hard_negatives, init_from=args.init_from, **kw)
         print(json.dumps(evaluate_clip(clip), indent=2))
     elif args.what == "unet":
         if args.pool_size is not None:
@@ -134,6 +149,15 @@ def main(argv=None, prog: str | None = None) -> None:
     elif args.what == "export":
         save_pipeline(args.out, args.ckpt_dir, overwrite=args.overwrite)
         print(f"{args.out}: {folder_size_mb(args.out):.1f} MB (without the judge)")
+    elif args.what == "prior-folder":
+        save_prior_encoders(args.out, args.ckpt_dir)
+        write_json(PRIOR_CONFIG, Path(args.out) / "prior_config.json")
+        print(f"{args.out}: the prior's starting folder; train with minidiff train-prior "
+              f"--pretrained_prior_model_name_or_path {args.out} --prior_config {Path(args.out) / 'prior_config.json'} ...")
+    elif args.what == "eval-prior":
+        from minidiff.training.prior import evaluate_shapes_prior
+
+        print(json.dumps(evaluate_shapes_prior(args.model, n=args.n, seed=args.seed), indent=2))
     elif args.what == "eval":
         print(json.dumps(evaluate_text_to_image(args.model, n=args.n), indent=2))
     elif args.what == "eval-edit":

@@ -6,6 +6,17 @@ temperature. Scenes with the same content (objects + background) in one batch ar
 each other (soft targets), so no true match is pushed away. AdamW with linear warmup and a cosine
 decay; the run's skeleton (resume, checkpoints, time budget, devices) is loop.py's `TrainingRun`.
 
+Hard negatives (`hard_negatives=True`, v2): every image is also scored against one caption that
+is wrong in the way a bag of words cannot tell: a two-object scene against its caption with the
+two colours swapped ("a red circle and a green square" -> "a green circle and a red square"), a
+one-object scene against its caption with another colour. They are extra columns of the
+image-to-text softmax only (a caption that no image matches has no row of its own), so the text
+tower must bind each colour to its shape to rank the true caption first (Yuksekgonul et al. 2023,
+"When and why vision-language models behave like bags-of-words", NegCLIP).
+
+`init_from`: a model folder (text_encoder/, image_encoder/) to start both towers from; the text
+projection, which the shipped text_encoder does not hold, then starts from random weights.
+
 Saved: `text_encoder/` (a plain CLIPTextModel: the UNet reads its last hidden state, not the
 projection), `image_encoder/` (CLIPVisionModelWithProjection) and the text projection on its own.
 """
@@ -13,6 +24,7 @@ projection), `image_encoder/` (CLIPVisionModelWithProjection) and the text proje
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 import torch
@@ -33,7 +45,7 @@ from minidiff.training.shapes.configs import (
     TEXT_CONFIG,
     VISION_CONFIG,
 )
-from minidiff.training.shapes.data import Scene, scene_batches
+from minidiff.training.shapes.data import COLOURS, Scene, describe, scene_batches
 from minidiff.training.shapes.loop import TrainingRun, training_device
 
 
@@ -74,16 +86,52 @@ def scene_key(scene: Scene) -> tuple:
     return tuple(sorted(scene.object_pairs())), scene.background
 
 
+def hard_negative(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
+    """A caption for `scene` that names its words but binds them wrongly, and its scene_key.
+
+    Two objects of different colours and shapes: the colours swapped between them (same template,
+    same background). Otherwise (one object, or two sharing a colour or a shape): the first
+    object in another colour, one neither object has (a random one: `rng`)."""
+    pairs = [(o.colour, o.shape) for o in scene.objects]
+    (c1, s1), (c2, s2) = pairs[0], pairs[-1]
+    if len(pairs) == 2 and c1 != c2 and s1 != s2:
+        wrong = [(c2, s1), (c1, s2)]
+    else:  # one object, or two that share a colour or a shape (a swap would change nothing)
+        other = rng.choice([k for k in COLOURS if k not in (c1, c2)])
+        wrong = [(other, s1)] + pairs[1:]
+    # The scene's own template (the one that reproduces its caption), so only the binding differs.
+    template = next(t for t in range(3) if describe(pairs, scene.background, t) == scene.caption)
+    return describe(wrong, scene.background, template), (tuple(sorted(wrong)), scene.background)
+
+
+def binding_accuracy(clip: ShapesCLIP, scenes: list[Scene]) -> float:
+    """How often an image scores its own caption above its hard negative (for two-object scenes of
+    different colours and shapes, the colour-swapped caption: 0.5 is a bag of words)."""
+    tok = load_tokenizer()
+    with torch.no_grad():
+        v = clip.embed_images(torch.stack([s.to_tensor() for s in scenes]))
+        t = clip.embed_text(tok([s.caption for s in scenes]).input_ids)
+        swapped = clip.embed_text(tok([hard_negative(s, random.Random(0))[0] for s in scenes]).input_ids)
+    return float(((v * t).sum(-1) > (v * swapped).sum(-1)).float().mean())
+
+
 def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 1500, batch_size: int = 128, seed: int = 0,
                lr: float = 1e-3, warmup: int = 100, ckpt_every: int = 200, resume: bool = False,
                text_config: dict | None = None, vision_config: dict | None = None,
-               max_minutes: float | None = None, device="cpu", progress: bool = True) -> ShapesCLIP:
+               max_minutes: float | None = None, device="cpu", progress: bool = True,
+               hard_negatives: bool = True, init_from=None) -> ShapesCLIP:
     """Contrastive training; saves `<out_dir>/text_encoder/` and `<out_dir>/image_encoder/` and
     returns the model on the CPU. `device`: where it trains (loop.py, "Devices"), from the same
-    CPU initialisation."""
+    CPU initialisation. `hard_negatives`, `init_from`: the module docstring."""
     out_dir, device = Path(out_dir), training_device(device)
     torch.manual_seed(seed)
-    clip = ShapesCLIP(text_config or TEXT_CONFIG, vision_config or VISION_CONFIG).to(device)  # initialised on the CPU
+    clip = ShapesCLIP(text_config or TEXT_CONFIG, vision_config or VISION_CONFIG)  # initialised on the CPU
+    if init_from is not None:
+        init_from = Path(init_from)
+        clip.text.load_state_dict(CLIPTextModel.from_pretrained(init_from / "text_encoder", torch_dtype=torch.float32).state_dict())
+        clip.vision.load_state_dict(CLIPVisionModelWithProjection.from_pretrained(
+            init_from / "image_encoder", torch_dtype=torch.float32).state_dict())
+    clip = clip.to(device)
     opt = torch.optim.AdamW(clip.parameters(), lr=lr, weight_decay=0.01)
     # No generator: nothing in this loop is random but the scenes, which carry their own seeds.
     run = TrainingRun("clip", out_dir, {"model": clip}, opt, None, steps, lr, warmup, ckpt_every,
@@ -94,16 +142,25 @@ def train_clip(out_dir=DEFAULT_CKPT_DIR, steps: int = 1500, batch_size: int = 12
     clip.train()
     for step in run:
         batch = next(batches)
-        ids = tok(batch.captions).input_ids.to(device)  # (B, 77), padded with <|endoftext|> as SD does
+        keys = [scene_key(s) for s in batch.scenes]
+        captions, caption_keys = list(batch.captions), list(keys)
+        if hard_negatives:  # B more captions, one wrong binding per image (its own rng: resumable)
+            rng = random.Random(hash((seed, step)) & 0xFFFFFFFF)
+            for caption, key in (hard_negative(s, rng) for s in batch.scenes):
+                captions.append(caption)
+                caption_keys.append(key)
+        ids = tok(captions).input_ids.to(device)  # (B or 2B, 77), padded with <|endoftext|> as SD does
         t = clip.embed_text(ids)
         v = clip.embed_images(batch.images.to(device))
-        logits = clip.logit_scale.exp().clamp(max=100) * v @ t.T  # (B_images, B_texts)
+        B = len(keys)
+        logits = clip.logit_scale.exp().clamp(max=100) * v @ t.T  # (B_images, B_texts [+ B negatives])
         # InfoNCE with soft targets: every caption of the same content is a correct match.
-        keys = [scene_key(s) for s in batch.scenes]
-        same = torch.tensor([[a == b for b in keys] for a in keys], dtype=torch.float32, device=device)  # (B, B)
-        target = same / same.sum(dim=1, keepdim=True)
-        loss = 0.5 * (torch.sum(-target * logits.log_softmax(dim=1), dim=1).mean()
-                      + torch.sum(-target * logits.T.log_softmax(dim=1), dim=1).mean())
+        same = torch.tensor([[a == b for b in caption_keys] for a in keys], dtype=torch.float32, device=device)
+        target_i2t = same / same.sum(dim=1, keepdim=True)  # rows: images; columns: all captions
+        same_t2i = same[:, :B].T  # rows: the B true captions; columns: images
+        target_t2i = same_t2i / same_t2i.sum(dim=1, keepdim=True)
+        loss = 0.5 * (torch.sum(-target_i2t * logits.log_softmax(dim=1), dim=1).mean()
+                      + torch.sum(-target_t2i * logits[:, :B].T.log_softmax(dim=1), dim=1).mean())
         run.optimize(step, loss)
         if run.end_step(step, loss.item(), loss=f"{loss.item():.3f}", T=f"{1 / clip.logit_scale.exp().item():.3f}"):
             break
