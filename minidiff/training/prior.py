@@ -403,6 +403,7 @@ def train_prior(
         g.set_state(state["generator"])
         history, step = state["history"], state["step"]
     mean, std = prior.clip_mean.detach().cpu(), prior.clip_std.detach().cpu()
+    kept = ema if ema is not None else prior  # what validation samples and the folder gets
 
     def checkpoint() -> None:
         state = {"step": step, "prior": prior.state_dict(), "optimizer": opt.state_dict(),
@@ -459,7 +460,7 @@ def train_prior(
         if step % checkpointing_steps == 0 or step == max_train_steps or stopping:
             checkpoint()
         if val is not None and validation_steps and step % validation_steps == 0 and step < max_train_steps:
-            tqdm.write(json.dumps({"step": step, **_validate(ema or prior, source, encoders, val)}))
+            tqdm.write(json.dumps({"step": step, **_validate(kept, source, encoders, val)}))
         if stopping:
             break
     bar.close()
@@ -469,7 +470,7 @@ def train_prior(
         return {**summary, "finished": False}
 
     # 5. The finished run: the prior pipeline folder, and what it is worth.
-    final = (ema or prior).cpu().eval()
+    final = kept.cpu().eval()
     encoders = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in encoders.items()}
     save_prior_pipeline(output_dir, source, final, encoders)
     summary["finished"] = True
