@@ -477,9 +477,11 @@ def _remove_empty_created() -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "train-prior":
+    # The train-* commands hand their arguments on (`rest`, a REMAINDER); argparse leaves a
+    # REMAINDER empty when it starts with a flag (train-prior's all do) and returns them as extra.
+    if extra and not hasattr(args, "rest"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if extra:  # argparse leaves a REMAINDER empty when it starts with a flag; train-prior's all do
+    if extra:
         args.rest = extra + args.rest
     _created.clear()
     debug = args.debug or os.environ.get("MINIDIFF_DEBUG", "") not in ("", "0")

@@ -169,12 +169,9 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         #    conditional [prompts, negatives] against unconditional [negatives, negatives] (diffusers)
         #    or [negatives, ""] (guided).
         if negatives is not None:
-            negatives = negatives * len(prompts) if len(negatives) == 1 and len(prompts) > 1 else negatives
-            if negative_mode == "diffusers":
-                # diffusers pairs a one-element negative list with every entry of the doubled batch.
-                cond, uncond = prompts + negatives, negatives + negatives
-            else:
-                cond, uncond = prompts + negatives, negatives + [""] * len(negatives)
+            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives  # one for all
+            cond = prompts + negatives
+            uncond = negatives + (negatives if negative_mode == "diffusers" else [""] * len(negatives))
         else:
             cond, uncond = prompts, None
         embeds, states, mask = self.encode_prompt(cond, device, num_images_per_prompt, do_cfg, uncond)

@@ -40,6 +40,18 @@ COMPLETE = "complete.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
+def to_cpu(obj):
+    """A copy of a (nested) state dict with every tensor on the CPU; CPU tensors are not copied.
+    Checkpoints hold CPU tensors only, so a run resumes on any device."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

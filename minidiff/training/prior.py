@@ -68,6 +68,7 @@ from minidiff.training.checkpoints import (
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
+    to_cpu,
 )
 from minidiff.training.min_snr import min_snr_weights
 from minidiff.validation import check_choice, check_number, check_positive_int
@@ -263,18 +264,25 @@ def build_prior(folder: Path, prior_config: dict | str | None, image_embeds: tor
     return prior.freeze_clip_stats()
 
 
-def save_prior_pipeline(output_dir: Path, source: Path, prior, encoders: dict) -> None:
-    """output_dir as a prior pipeline folder (kandinsky-2-2-prior's layout), written next to it
-    first and moved in part by part when complete."""
-    import shutil
-    import tempfile
-
+def prior_pipeline(prior, source: Path, encoders: dict):
+    """The prior pipeline of a prior being trained: the source folder's UnCLIP scheduler (or
+    kandinsky-2-2-prior's settings when it has none), the frozen encoders, no progress bar."""
     from minidiff.pipelines.kandinsky import KandinskyV22PriorPipeline
     from minidiff.schedulers.unclip import UnCLIPScheduler
 
     scheduler = (UnCLIPScheduler.from_pretrained(source, subfolder="scheduler")
                  if (source / "scheduler").is_dir() else UnCLIPScheduler(prediction_type="sample", clip_sample_range=10.0))
     pipe = KandinskyV22PriorPipeline(prior=prior, scheduler=scheduler, **encoders)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_prior_pipeline(output_dir: Path, pipe) -> None:
+    """output_dir as a prior pipeline folder (kandinsky-2-2-prior's layout), written next to it
+    first and moved in part by part when complete."""
+    import shutil
+    import tempfile
+
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".pipeline.", dir=output_dir) as tmp:
         pipe.save_pretrained(tmp)
@@ -404,13 +412,14 @@ def train_prior(
         history, step = state["history"], state["step"]
     mean, std = prior.clip_mean.detach().cpu(), prior.clip_std.detach().cpu()
     kept = ema if ema is not None else prior  # what validation samples and the folder gets
+    val_pipe = prior_pipeline(kept, source, encoders) if val is not None else None  # follows kept's weights
 
     def checkpoint() -> None:
         state = {"step": step, "prior": prior.state_dict(), "optimizer": opt.state_dict(),
                  "lr_scheduler": schedule.state_dict(), "generator": g.get_state(), "history": history}
         if ema is not None:
             state["ema"] = ema.state_dict()
-        save_checkpoint(output_dir, step, _cpu(state), checkpoints_total_limit)
+        save_checkpoint(output_dir, step, to_cpu(state), checkpoints_total_limit)
         write_json({"step": step, "loss": history}, output_dir / "loss_log.json")
 
     # 4. The loop: one optimizer step = gradient_accumulation_steps micro-batches.
@@ -460,7 +469,7 @@ def train_prior(
         if step % checkpointing_steps == 0 or step == max_train_steps or stopping:
             checkpoint()
         if val is not None and validation_steps and step % validation_steps == 0 and step < max_train_steps:
-            tqdm.write(json.dumps({"step": step, **_validate(kept, source, encoders, val)}))
+            tqdm.write(json.dumps({"step": step, **_validate(val_pipe, val)}))
         if stopping:
             break
     bar.close()
@@ -470,46 +479,26 @@ def train_prior(
         return {**summary, "finished": False}
 
     # 5. The finished run: the prior pipeline folder, and what it is worth.
-    final = kept.cpu().eval()
     encoders = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in encoders.items()}
-    save_prior_pipeline(output_dir, source, final, encoders)
+    pipe = prior_pipeline(kept.cpu().eval(), source, encoders)
+    save_prior_pipeline(output_dir, pipe)
     summary["finished"] = True
     if val is not None:
-        summary["validation"] = _validate(final, source, encoders, val)
+        summary["validation"] = _validate(pipe, val)
         if validation_prompts:
-            summary["validation_prompts"] = describe_prompts(_pipeline(final, source, encoders), validation_prompts, val)
+            summary["validation_prompts"] = describe_prompts(pipe, validation_prompts, val)
     write_json(summary, output_dir / "training_summary.json")
     return summary
 
 
-def _cpu(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: _cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_cpu(v) for v in obj]
-    return obj
-
-
-def _pipeline(prior, source: Path, encoders: dict):
-    from minidiff.pipelines.kandinsky import KandinskyV22PriorPipeline
-    from minidiff.schedulers.unclip import UnCLIPScheduler
-
-    scheduler = (UnCLIPScheduler.from_pretrained(source, subfolder="scheduler")
-                 if (source / "scheduler").is_dir() else UnCLIPScheduler(prediction_type="sample", clip_sample_range=10.0))
-    pipe = KandinskyV22PriorPipeline(prior=prior, scheduler=scheduler, **encoders)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def _validate(prior, source: Path, encoders: dict, val: dict) -> dict:
-    was_training = prior.training
-    prior.eval()
+def _validate(pipe, val: dict) -> dict:
+    """evaluate_prior with the pipeline's prior in eval mode, then back as it was."""
+    was_training = pipe.prior.training
+    pipe.prior.eval()
     try:
-        return evaluate_prior(_pipeline(prior, source, encoders), val)
+        return evaluate_prior(pipe, val)
     finally:
-        prior.train(was_training)
+        pipe.prior.train(was_training)
 
 
 def shapes_validation_pairs(n: int, split: str = "val") -> list[CaptionedImage]:
@@ -554,14 +543,12 @@ def shapes_binding(pipe, n: int = 200, split: str = "test", guidance_scale: floa
     of different colours and shapes, is the prediction for the caption closer to the scene's image
     than to the same scene with the two colours swapped (same shapes, places, sizes)? 0.5 = blind.
     Beside it the same test with the text embedding itself."""
-    from minidiff.training.shapes.data import held_out_scenes, render
+    from minidiff.training.shapes.data import render, swappable_scenes
 
-    scenes = [s for s in held_out_scenes(split, 4 * n, num_objects=2)
-              if len({o.colour for o in s.objects}) == 2 and len({o.shape for o in s.objects}) == 2][:n]
+    scenes = swappable_scenes(split, n)
     swapped = []
     for s in scenes:
-        specs = [{"shape": o.shape, "colour": o.colour, "centre": o.centre, "size": o.size, "rotation": o.rotation}
-                 for o in s.objects]
+        specs = s.object_specs()
         specs[0]["colour"], specs[1]["colour"] = specs[1]["colour"], specs[0]["colour"]
         swapped.append(render(specs, s.background))
     weight = next(pipe.image_encoder.parameters())

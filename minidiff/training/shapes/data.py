@@ -197,6 +197,12 @@ class Scene:
     def object_pairs(self) -> list[tuple[str, str]]:
         return [(o.colour, o.shape) for o in self.objects]
 
+    def object_specs(self) -> list[dict]:
+        """The objects as `render` takes them (shape, colour, centre, size, rotation), to redraw the
+        scene with some of them changed."""
+        return [{"shape": o.shape, "colour": o.colour, "centre": o.centre, "size": o.size, "rotation": o.rotation}
+                for o in self.objects]
+
 
 def shape_polygon(shape: str, centre: tuple[float, float], radius: float, rotation: float) -> np.ndarray:
     """Vertices (V, 2) of `shape` with circumradius `radius`; rotation 0 points a corner upwards
@@ -345,7 +351,7 @@ def scene_stream(seed: int = 0, num_objects: int | None = None, size: int = DEFA
     """The infinite training stream: scene i is drawn from its own generator (0, seed, i)."""
     i = start
     while True:
-        yield make_scene(np.random.default_rng((_TRAIN, seed, i)), num_objects, size)
+        yield training_scene(seed, i, size, num_objects)
         i += 1
 
 
@@ -354,9 +360,9 @@ def scene_stream(seed: int = 0, num_objects: int | None = None, size: int = DEFA
 SHAPES_TRAIN_SEED = 3
 
 
-def training_scene(seed: int, i: int, size: int = DEFAULT_SIZE) -> Scene:
+def training_scene(seed: int, i: int, size: int = DEFAULT_SIZE, num_objects: int | None = None) -> Scene:
     """Scene i of training stream `seed` (what scene_stream(seed) yields i-th)."""
-    return make_scene(np.random.default_rng((_TRAIN, seed, i)), None, size)
+    return make_scene(np.random.default_rng((_TRAIN, seed, i)), num_objects, size)
 
 
 def training_caption(seed: int, i: int, size: int = DEFAULT_SIZE) -> str:
@@ -364,21 +370,30 @@ def training_caption(seed: int, i: int, size: int = DEFAULT_SIZE) -> str:
     return _scene_spec(np.random.default_rng((_TRAIN, seed, i)), None, size, None)[2]
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
+
+
 def held_out_scenes(split: str = "test", n: int = 1000, num_objects: int | None = None,
                     size: int = DEFAULT_SIZE) -> list[Scene]:
     """The first n scenes of a fixed evaluation set ("val" or "test"), never in any training
     stream (a separate seed space). Captions use the canonical template."""
-    if split not in SPLITS:
-        raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
-    return [make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), num_objects, size, template=0)
-            for i in range(n)]
+    _check_split(split)  # before the loop: n = 0 with a wrong split is still refused
+    return [held_out_scene(split, i, size, num_objects) for i in range(n)]
 
 
-def held_out_scene(split: str, i: int, size: int = DEFAULT_SIZE) -> Scene:
+def held_out_scene(split: str, i: int, size: int = DEFAULT_SIZE, num_objects: int | None = None) -> Scene:
     """Scene i of held_out_scenes(split, ...), on its own."""
-    if split not in SPLITS:
-        raise InputError(f"Unknown split {split!r}; held-out splits are {list(SPLITS)}.")
-    return make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), None, size, template=0)
+    _check_split(split)
+    return make_scene(np.random.default_rng((_HELD_OUT, SPLITS[split], i)), num_objects, size, template=0)
+
+
+def swappable_scenes(split: str, n: int, size: int = DEFAULT_SIZE) -> list[Scene]:
+    """The first n two-object held-out scenes whose objects differ in both colour and shape, so
+    that swapping their colours changes what the caption says (the binding tests)."""
+    scenes = held_out_scenes(split, 4 * n, num_objects=2, size=size)
+    return [s for s in scenes if len({o.colour for o in s.objects}) == 2 and len({o.shape for o in s.objects}) == 2][:n]
 
 
 @dataclasses.dataclass
@@ -430,8 +445,7 @@ def edit_pairs(n: int = 100, seed: int = 0, num_objects: int | None = None, size
             if ((kind == "colour" or shape != obj.shape) and (kind == "shape" or colour != obj.colour)
                     and (shape, colour) not in others):
                 break
-        specs = [{"shape": o.shape, "colour": o.colour, "centre": o.centre, "size": o.size,
-                  "rotation": o.rotation} for o in scene.objects]
+        specs = scene.object_specs()
         specs[index].update(shape=shape, colour=colour)
         target = render(specs, scene.background, size=size)
         pairs.append(EditPair(scene, index, shape, colour, scene.caption, target.caption, kind, target))

@@ -51,7 +51,7 @@ from minidiff.models.vae import AutoencoderKL
 from minidiff.pipelines.diffedit import BLENDS, DiffEditPipeline
 from minidiff.pipelines.settings import recommended_settings, with_diffusers_defaults
 from minidiff.pipelines.text_to_image import StableDiffusionPipeline
-from minidiff.training.shapes.data import edit_pairs, held_out_scenes, scenes_to_tensor
+from minidiff.training.shapes.data import edit_pairs, held_out_scenes, scenes_to_tensor, swappable_scenes
 from minidiff.training.shapes.find_objects import MIN_AREA, find_objects
 from minidiff.training.shapes.judge import ShapesJudge, evaluate_judge, load_judge
 from minidiff.training.shapes.train_clip import ShapesCLIP, binding_accuracy, load_tokenizer, scene_key
@@ -265,8 +265,7 @@ def evaluate_clip(clip: ShapesCLIP, n: int = 200) -> dict:
     keys = [scene_key(s) for s in scenes]
     i2t = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(dim=1))) / n
     t2i = sum(keys[int(i)] == keys[j] for j, i in enumerate(sim.argmax(dim=0))) / n
-    two = [s for s in held_out_scenes("val", 4 * n, num_objects=2)
-           if len({o.colour for o in s.objects}) == 2 and len({o.shape for o in s.objects}) == 2][:n]
+    two = swappable_scenes("val", n)
     return {"image_to_text_top1": i2t, "text_to_image_top1": t2i, "n": n,
             "binding_vs_colour_swap": binding_accuracy(clip, two), "n_binding": len(two)}
 

@@ -42,23 +42,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from minidiff.training.checkpoints import to_cpu
 from minidiff.validation import check_device
 
 
 def training_device(device) -> torch.device:
     """The device a loop trains on, checked before any work starts: cpu or cuda."""
     return check_device(device, allowed=("cpu", "cuda"))
-
-
-def to_cpu(obj):
-    """A copy of a (nested) state dict with every tensor on the CPU; CPU tensors are not copied."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 def save_checkpoint(state: dict, path: Path) -> None:

@@ -6,7 +6,7 @@ temperature. Scenes with the same content (objects + background) in one batch ar
 each other (soft targets), so no true match is pushed away. AdamW with linear warmup and a cosine
 decay; the run's skeleton (resume, checkpoints, time budget, devices) is loop.py's `TrainingRun`.
 
-Hard negatives (`hard_negatives=True`, v2): every image is also scored against one caption that
+Hard negatives (`hard_negatives=True`, weights/shapes v3): every image is also scored against one caption that
 is wrong in the way a bag of words cannot tell: a two-object scene against its caption with the
 two colours swapped ("a red circle and a green square" -> "a green circle and a red square"), a
 one-object scene against its caption with another colour. They are extra columns of the
@@ -45,7 +45,15 @@ from minidiff.training.shapes.configs import (
     TEXT_CONFIG,
     VISION_CONFIG,
 )
-from minidiff.training.shapes.data import COLOURS, Scene, describe, scene_batches
+from minidiff.training.shapes.data import (
+    COLOURS,
+    PAIR_TEMPLATES,
+    SINGLE_TEMPLATES,
+    Scene,
+    describe,
+    scene_batches,
+    scenes_to_tensor,
+)
 from minidiff.training.shapes.loop import TrainingRun, training_device
 
 
@@ -81,9 +89,14 @@ class ShapesCLIP(torch.nn.Module):
         return F.normalize(self.vision(clip_pixels(images)).image_embeds, dim=-1)  # (B, P)
 
 
+def content_key(pairs: list[tuple[str, str]], background: str) -> tuple:
+    """What a caption of these (colour, shape) pairs says, ignoring object order and template wording."""
+    return tuple(sorted(pairs)), background
+
+
 def scene_key(scene: Scene) -> tuple:
-    """What a caption says about a scene, ignoring object order and template wording."""
-    return tuple(sorted(scene.object_pairs())), scene.background
+    """What a caption says about a scene (content_key of its objects)."""
+    return content_key(scene.object_pairs(), scene.background)
 
 
 def hard_negative(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
@@ -92,7 +105,7 @@ def hard_negative(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
     Two objects of different colours and shapes: the colours swapped between them (same template,
     same background). Otherwise (one object, or two sharing a colour or a shape): the first
     object in another colour, one neither object has (a random one: `rng`)."""
-    pairs = [(o.colour, o.shape) for o in scene.objects]
+    pairs = scene.object_pairs()
     (c1, s1), (c2, s2) = pairs[0], pairs[-1]
     if len(pairs) == 2 and c1 != c2 and s1 != s2:
         wrong = [(c2, s1), (c1, s2)]
@@ -100,8 +113,9 @@ def hard_negative(scene: Scene, rng: random.Random) -> tuple[str, tuple]:
         other = rng.choice([k for k in COLOURS if k not in (c1, c2)])
         wrong = [(other, s1)] + pairs[1:]
     # The scene's own template (the one that reproduces its caption), so only the binding differs.
-    template = next(t for t in range(3) if describe(pairs, scene.background, t) == scene.caption)
-    return describe(wrong, scene.background, template), (tuple(sorted(wrong)), scene.background)
+    templates = SINGLE_TEMPLATES if len(pairs) == 1 else PAIR_TEMPLATES
+    template = next(t for t in range(len(templates)) if describe(pairs, scene.background, t) == scene.caption)
+    return describe(wrong, scene.background, template), content_key(wrong, scene.background)
 
 
 def binding_accuracy(clip: ShapesCLIP, scenes: list[Scene]) -> float:
@@ -109,7 +123,7 @@ def binding_accuracy(clip: ShapesCLIP, scenes: list[Scene]) -> float:
     different colours and shapes, the colour-swapped caption: 0.5 is a bag of words)."""
     tok = load_tokenizer()
     with torch.no_grad():
-        v = clip.embed_images(torch.stack([s.to_tensor() for s in scenes]))
+        v = clip.embed_images(scenes_to_tensor(scenes))
         t = clip.embed_text(tok([s.caption for s in scenes]).input_ids)
         swapped = clip.embed_text(tok([hard_negative(s, random.Random(0))[0] for s in scenes]).input_ids)
     return float(((v * t).sum(-1) > (v * swapped).sum(-1)).float().mean())
