@@ -25,6 +25,7 @@ _PUBLIC = {
     "CLIPTextModelWithProjection": "minidiff.models.clip",
     "CLIPVisionModelWithProjection": "minidiff.models.clip",
     "AutoencoderKL": "minidiff.models.vae",
+    "VQModel": "minidiff.models.vq",
     "UNet2DConditionModel": "minidiff.models.unet",
     "PriorTransformer": "minidiff.models.prior",
     # pipelines
@@ -34,6 +35,9 @@ _PUBLIC = {
     "DiffusionPipeline": "minidiff.pipelines.pipeline",
     "KandinskyV22PriorPipeline": "minidiff.pipelines.kandinsky",
     "KandinskyPriorPipeline": "minidiff.pipelines.kandinsky",  # diffusers' 2.1 name, the same class here
+    "KandinskyV22Pipeline": "minidiff.pipelines.kandinsky_decoder",
+    "KandinskyV22CombinedPipeline": "minidiff.pipelines.kandinsky_decoder",
+    "AutoPipelineForText2Image": "minidiff.pipelines.auto",
     # quantization at load time (diffusers.quantizers.PipelineQuantizationConfig)
     "PipelineQuantizationConfig": "minidiff.quantizers",
     # attention backend switch

@@ -65,9 +65,13 @@ def check_unet(folder: Path, device, dtype, gen, latent_size: int) -> list[Row]:
     x = torch.randn(1, cfg.in_channels, latent_size, latent_size, generator=gen).to(device, dtype)
     ctx = torch.randn(1, 77, cfg.cross_attention_dim, generator=gen).to(device, dtype)
     t = torch.tensor([500], device=device)
+    kwargs = {}
+    if cfg.encoder_hid_dim_type == "image_proj":  # Kandinsky 2.2's decoder: conditioned on a CLIP image embedding
+        kwargs["added_cond_kwargs"] = {"image_embeds": torch.randn(1, cfg.encoder_hid_dim, generator=gen).to(device, dtype)}
+        ctx = None
     with torch.no_grad():
-        a = ours(x, t, ctx).sample
-        b = ref(x, t, ctx).sample
+        a = ours(x, t, ctx, **kwargs).sample
+        b = ref(x, t, ctx, **kwargs).sample
     return [_compare("unet", f"noise prediction at t=500, latent {latent_size}x{latent_size}", a, b, _tolerance(dtype))]
 
 
@@ -87,6 +91,24 @@ def check_vae(folder: Path, device, dtype, gen, image_size: int) -> list[Row]:
             _compare("vae", "encode: posterior mean", ours_d.mean, ref_d.mean, tol),
             _compare("vae", "encode: posterior std", ours_d.std, ref_d.std, tol),
             _compare("vae", "decode", ours.decode(z).sample, ref.decode(z).sample, tol),
+        ]
+
+
+def check_movq(folder: Path, device, dtype, gen, image_size: int) -> list[Row]:
+    import diffusers
+
+    from minidiff.models.vq import VQModel
+
+    ours = VQModel.from_pretrained(folder, torch_dtype=dtype).to(device)
+    ref = diffusers.VQModel.from_pretrained(folder, torch_dtype=dtype).to(device).eval()
+    x = (torch.rand(1, ref.config.in_channels, image_size, image_size, generator=gen) * 2 - 1).to(device, dtype)
+    tol = _tolerance(dtype)
+    with torch.no_grad():
+        z = ref.encode(x).latents
+        return [
+            _compare("movq", "encode: latents", ours.encode(x).latents, z, tol),
+            _compare("movq", "decode (force_not_quantize, as the pipeline)", ours.decode(z, force_not_quantize=True).sample,
+                     ref.decode(z, force_not_quantize=True).sample, tol),
         ]
 
 
@@ -186,6 +208,8 @@ def run_check(
             rows += check_unet(folder, device, dtype, gen, latent_size)
         elif cls_name == "AutoencoderKL":
             rows += check_vae(folder, device, dtype, gen, image_size)
+        elif cls_name == "VQModel":
+            rows += check_movq(folder, device, dtype, gen, image_size)
         elif cls_name in ("CLIPTextModel", "CLIPTextModelWithProjection"):
             tok = root / "tokenizer" if (root / "tokenizer").is_dir() else None
             rows += check_text_encoder(name, cls_name, folder, tok, device, dtype, gen)

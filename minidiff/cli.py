@@ -1,6 +1,7 @@
 """The `minidiff` command.
 
-    minidiff generate PROMPT      text-to-image
+    minidiff generate PROMPT      text-to-image (a Stable Diffusion folder, or a Kandinsky 2.2 decoder
+                                  folder: prompt -> prior -> decoder)
     minidiff mask IMAGE           DiffEdit step 1: where do the source and target prompts disagree?
     minidiff invert IMAGE         DiffEdit step 2: DDIM-invert the image (latents saved as safetensors)
     minidiff edit IMAGE           mask + inversion + masked denoising, writing the edited image, the
@@ -8,10 +9,11 @@
     minidiff check MODEL          compare every component of a checkpoint with diffusers/transformers
     minidiff tiny-random DIR      write a tiny random SD checkpoint (diffusers layout) to try things on
     minidiff train-shapes WHAT    train / export / evaluate the shapes-world models (WHAT: vae, clip,
-                                  unet, export, eval, eval-edit, eval-two-objects, eval-edit-outside, eval-readme;
-                                  `minidiff train-shapes -h` for options)
+                                  unet, movq, export, eval, eval-edit, ...; `minidiff train-shapes -h`)
     minidiff train-prior ...      train a Kandinsky 2.2 prior with the arguments of diffusers'
                                   train_text_to_image_prior.py (`minidiff train-prior -h`)
+    minidiff train-decoder ...    train a Kandinsky 2.2 decoder UNet with the arguments of diffusers'
+                                  train_text_to_image_decoder.py (`minidiff train-decoder -h`)
 
 `generate`, `mask`, `invert` and `edit` take the defaults of their flags from the model folder's
 recommended_settings.json (minidiff/pipelines/settings.py; weights/shapes has one: with no flags
@@ -88,14 +90,14 @@ def check_args(args) -> None:
     # A flag this command does not have, or an optional one not given, reads None and is skipped.
     given = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in (
         "--steps", "--num-images", "--num-maps", "--height", "--width", "--resize", "--guidance",
-        "--invert-guidance", "--threshold", "--mask-strength", "--strength")}
+        "--invert-guidance", "--threshold", "--mask-strength", "--strength", "--prior-steps", "--prior-guidance")}
     given = {flag: value for flag, value in given.items() if value is not None}
     for flag, value in given.items():
-        if flag in ("--steps", "--num-images", "--num-maps"):
+        if flag in ("--steps", "--num-images", "--num-maps", "--prior-steps"):
             check_positive_int(flag, value)
         elif flag in ("--height", "--width", "--resize"):
             check_positive_int(flag, value, " of pixels")
-        elif flag in ("--guidance", "--invert-guidance"):
+        elif flag in ("--guidance", "--invert-guidance", "--prior-guidance"):
             check_guidance(value, flag)
         elif flag == "--threshold":
             check_number(flag, value, low=0, low_open=True)
@@ -104,20 +106,29 @@ def check_args(args) -> None:
             steps_for_strength(args.steps, value, flag, "--steps")
 
 
+KANDINSKY_DECODERS = ("KandinskyV22Pipeline", "KandinskyV22CombinedPipeline")
+
+
 def _model_geometry(root: Path) -> tuple[int, int, int]:
-    """(size multiple, VAE factor, native image side) from the checkpoint's config files."""
-    read_json(root, "model_index.json")
+    """(size multiple, VAE or MoVQ factor, native image side) from the checkpoint's config files.
+    A Kandinsky decoder's sides must also be multiples of f**2, the rounding its pipeline applies
+    (kandinsky_decoder.latent_size), so that the image has the size asked for."""
+    index = read_json(root, "model_index.json")
     unet = read_json(resolve_folder(root, "unet"), "config.json")
-    vae = read_json(resolve_folder(root, "vae"), "config.json")
+    kandinsky = index.get("_class_name") in KANDINSKY_DECODERS
+    vae = read_json(resolve_folder(root, "movq" if kandinsky else "vae"), "config.json")
     f = 2 ** (len(vae["block_out_channels"]) - 1)
-    return f * 2 ** (len(unet["block_out_channels"]) - 1), f, unet.get("sample_size", 64) * f
+    halvings = 2 ** (len(unet["block_out_channels"]) - 1)
+    multiple = f * max(f, halvings) if kandinsky else f * halvings
+    return multiple, f, (unet.get("sample_size") or 64) * f
 
 
 # Flag (argparse dest) -> the recommended_settings.json key that is its default. --guidance is
 # not here: `mask` and `edit` use it for two stages with two keys (see _guidance).
 FLAG_SETTINGS = {"steps": "num_inference_steps", "num_maps": "num_maps_per_mask", "mask_strength": "mask_encode_strength",
                  "threshold": "mask_thresholding_ratio", "strength": "inpaint_strength",
-                 "invert_guidance": "invert_guidance_scale", "negative_prompt": "negative_prompt", "blend": "blend"}
+                 "invert_guidance": "invert_guidance_scale", "negative_prompt": "negative_prompt", "blend": "blend",
+                 "prior_steps": "prior_num_inference_steps", "prior_guidance": "prior_guidance_scale"}
 
 
 def read_model(args) -> None:
@@ -126,12 +137,19 @@ def read_model(args) -> None:
     the section of recommended_settings.json this command uses ("text_to_image" for generate,
     "diffedit" else) with diffusers' defaults for what it leaves out. Every flag not given
     (None) takes its value from `args.settings`."""
-    root = resolve_folder(args.model, allow_patterns=["*.json"])
+    root = resolve_folder(args.model, allow_patterns=["*.json", "*.md"])
     args.geometry = _model_geometry(root)
-    section = "text_to_image" if args.command == "generate" else "diffedit"
+    args.kandinsky = read_json(root, "model_index.json").get("_class_name") in KANDINSKY_DECODERS
+    if args.kandinsky and args.command != "generate":
+        raise InputError(f"{args.model} is a Kandinsky decoder; `minidiff {args.command}` is DiffEdit's, which needs a "
+                         "Stable Diffusion folder. `minidiff generate` runs this one.")
+    if not args.kandinsky and any(getattr(args, d, None) is not None for d in ("prior_steps", "prior_guidance")):
+        raise InputError("--prior-steps and --prior-guidance are for a Kandinsky decoder folder (prompt -> prior -> "
+                         f"decoder); {args.model} is a Stable Diffusion folder.")
+    section = "kandinsky" if args.kandinsky else "text_to_image" if args.command == "generate" else "diffedit"
     args.settings = with_diffusers_defaults(recommended_settings(root), section)
     for dest, key in FLAG_SETTINGS.items():
-        if getattr(args, dest, False) is None:  # a flag of this command, not given
+        if getattr(args, dest, False) is None and key in args.settings:  # a flag of this command, not given
             setattr(args, dest, args.settings[key])
 
 
@@ -234,10 +252,19 @@ def cmd_generate(args) -> int:
     multiple, f, native = args.geometry
     check_image_size(args.height or native, args.width or native, multiple, f, "--width/--height")
     out = make_output(plan_output(args, [f"image_{i}.png" for i in range(args.num_images)]))
-    pipe = _load_pipeline(StableDiffusionPipeline, args)
-    images = pipe(args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
-                  num_inference_steps=args.steps, guidance_scale=_guidance(args, "guidance_scale"),
-                  num_images_per_prompt=args.num_images, generator=_generator(args.seed)).images
+    kw = dict(negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+              guidance_scale=_guidance(args, "guidance_scale"), num_images_per_prompt=args.num_images,
+              generator=_generator(args.seed))
+    if args.kandinsky:  # prompt -> prior -> decoder (a decoder folder brings its prior: AutoPipelineForText2Image)
+        from minidiff.pipelines.kandinsky_decoder import KandinskyV22CombinedPipeline
+
+        pipe = _load_pipeline(KandinskyV22CombinedPipeline, args)
+        kw.update(height=args.height or native, width=args.width or native,
+                  prior_num_inference_steps=args.prior_steps, prior_guidance_scale=args.prior_guidance)
+    else:
+        pipe = _load_pipeline(StableDiffusionPipeline, args)
+        kw.update(height=args.height, width=args.width)
+    images = pipe(args.prompt, **kw).images
     for i, image in enumerate(images):
         image.save(out / f"image_{i}.png")
     print(f"wrote {len(images)} image(s) to {out}")
@@ -397,6 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--prior-steps", type=int, default=None,
+                   help="Kandinsky folders: the prior's steps (prior_num_inference_steps; default: the model's "
+                        "recommended_settings.json, else diffusers' 25)")
+    p.add_argument("--prior-guidance", type=float, default=None,
+                   help="Kandinsky folders: the prior's guidance scale (default: the settings, else diffusers' 4.0)")
     common(p, "text_to_image", f"classifier-free guidance scale ({default('guidance_scale', 'text_to_image')})")
     p.set_defaults(func=cmd_generate)
 
@@ -445,6 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of minidiff.training.prior")
     p.set_defaults(func=cmd_train_prior)
+
+    p = sub.add_parser("train-decoder", help="train a Kandinsky 2.2 decoder UNet (the guide's decoder-script arguments)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments of minidiff.training.decoder")
+    p.set_defaults(func=cmd_train_decoder)
     return parser
 
 
@@ -459,6 +496,13 @@ def cmd_train_prior(args) -> int:
     from minidiff.training.prior import main as train_main
 
     train_main(args.rest, prog="minidiff train-prior")
+    return 0
+
+
+def cmd_train_decoder(args) -> int:
+    from minidiff.training.decoder import main as train_main
+
+    train_main(args.rest, prog="minidiff train-decoder")
     return 0
 
 

@@ -178,3 +178,64 @@ def save_tiny_prior_pipeline(folder: str | Path, seed: int = 0, image_size: int 
                                      tokenizer=tokenizer, scheduler=scheduler, image_processor=processor)
     pipe.save_pretrained(folder)
     return folder
+
+
+# ----------------------------------------------------------------------------------------------
+# Kandinsky 2.2 decoder: MoVQ, the image-conditioned UNet and the decoder pipeline folder.
+
+def tiny_movq(seed: int = 0, num_vq_embeddings: int = 64):
+    """diffusers' VQModel in kandinsky-2-2-decoder/movq's layout (spatial norms, attention at the
+    lowest level of encoder and decoder), tiny; norms and biases perturbed away from 1 / 0."""
+    from diffusers import VQModel
+
+    torch.manual_seed(seed)
+    movq = VQModel(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
+        up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"), layers_per_block=1, norm_num_groups=8,
+        latent_channels=4, vq_embed_dim=4, num_vq_embeddings=num_vq_embeddings, norm_type="spatial",
+        sample_size=32,
+    )
+    with torch.no_grad():
+        for p in movq.parameters():
+            if p.dim() < 2:
+                p.add_(0.2 * torch.randn_like(p))
+    return movq.eval()
+
+
+def tiny_decoder_unet(seed: int = 0, image_embed_dim: int = TEXT_HIDDEN, sample_size: int = 8):
+    """diffusers' UNet2DConditionModel with every option kandinsky-2-2-decoder/unet sets: resnet
+    up/down-sampling blocks, simple cross-attention with added key/values, scale-shift time
+    conditioning, image_proj context tokens, the "image" added embedding, 8 output channels
+    (eps and the learned variance). Tiny; norms and biases perturbed."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size, in_channels=4, out_channels=8, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=16,
+        down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D"),
+        up_block_types=("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+        mid_block_type="UNetMidBlock2DSimpleCrossAttn", cross_attention_dim=48,
+        encoder_hid_dim=image_embed_dim, encoder_hid_dim_type="image_proj",
+        addition_embed_type="image", addition_embed_type_num_heads=64, resnet_time_scale_shift="scale_shift",
+    )
+    with torch.no_grad():
+        for p in unet.parameters():
+            if p.dim() < 2:
+                p.add_(0.2 * torch.randn_like(p))
+    return unet.eval()
+
+
+def save_tiny_decoder_pipeline(folder: str | Path, seed: int = 0, image_embed_dim: int = TEXT_HIDDEN) -> Path:
+    """A complete tiny random Kandinsky 2.2 decoder folder (kandinsky-2-2-decoder's layout: unet,
+    movq, scheduler), written by diffusers' KandinskyV22Pipeline.save_pretrained."""
+    from diffusers import DDPMScheduler, KandinskyV22Pipeline
+
+    from minidiff.data import config_folder
+
+    folder = Path(folder)
+    scheduler = DDPMScheduler.from_pretrained(config_folder("kandinsky-2-2-decoder"), subfolder="scheduler")
+    pipe = KandinskyV22Pipeline(unet=tiny_decoder_unet(seed, image_embed_dim), scheduler=scheduler,
+                                movq=tiny_movq(seed))
+    pipe.save_pretrained(folder)
+    return folder

@@ -11,7 +11,8 @@ import torch
 
 from minidiff.errors import InputError
 from minidiff.reference import save_tiny_prior_pipeline
-from minidiff.training.prior import lr_factor, train_prior
+from minidiff.training.prior import train_prior
+from minidiff.training.trainer import lr_factor
 
 TINY_PRIOR = dict(num_attention_heads=2, attention_head_dim=16, num_layers=2, embedding_dim=32,
                   num_embeddings=77, additional_embeddings=4)

@@ -96,7 +96,11 @@ def test_the_defaults_are_the_methods_own():
     t2i = defaults(StableDiffusionPipeline.__call__)
     assert DIFFUSERS_DEFAULTS["text_to_image"] == {k: t2i[k] for k in DIFFUSERS_DEFAULTS["text_to_image"]}
     assert settings.BLEND_CHOICES == diffedit.BLENDS and settings.MASK_CLAMP_CHOICES == diffedit.MASK_CLAMPS
-    assert set(settings.CHECKS) == set(DIFFUSERS_DEFAULTS["diffedit"]) | set(DIFFUSERS_DEFAULTS["text_to_image"])
+    from minidiff.pipelines.kandinsky_decoder import KandinskyV22CombinedPipeline
+
+    kandinsky = defaults(KandinskyV22CombinedPipeline.__call__)
+    assert DIFFUSERS_DEFAULTS["kandinsky"] == {k: kandinsky[k] for k in DIFFUSERS_DEFAULTS["kandinsky"]}
+    assert set(settings.CHECKS) == set().union(*(set(v) for v in DIFFUSERS_DEFAULTS.values()))
 
 
 # ----------------------------------------------------------------------------------------------

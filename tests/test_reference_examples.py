@@ -17,7 +17,8 @@ compares. Examples that cannot run on a CPU in diffusers say why.
                                               pipeline, memory-efficient attention
     quantization-compile-offload.md 2         quantize + compile, quantize + compile + offload
     distributed-inference.md        -         (issue: distributed)
-    kandinsky22-prior-training.md   -         (issues: Kandinsky prior / decoder)
+    kandinsky22-prior-training.md   1         the inference code: a trained prior handed to
+                                              AutoPipelineForText2Image with a decoder
 
 Deviations the examples need (each asserted below): the tiled-VAE example swaps in
 UniPCMultistepScheduler, which minidiff does not have (DDIMScheduler instead: the one line that
@@ -396,3 +397,42 @@ def test_quantize_compile_and_offload_example(backend):
     finally:
         torch._dynamo.reset()
         pipeline.remove_all_hooks()
+
+
+# ----------------------------------------------------------------------------------------------
+# kandinsky22-prior-training.md: the inference code after training.
+
+
+def kandinsky_guide_example(library, output_dir, decoder):
+    """The guide's code, with `output_dir` its trained prior (weights/shapes-prior, which
+    `minidiff train-prior` trained) and the decoder repo id -> weights/shapes-decoder. The
+    document calls `pipe.enable_model_cpu_offload()` on an undefined `pipe` and passes an
+    undefined `negative_prompt`; here they are `pipeline` and None."""
+    AutoPipelineForText2Image, DiffusionPipeline = library.AutoPipelineForText2Image, library.DiffusionPipeline
+    prior_pipeline = DiffusionPipeline.from_pretrained(output_dir, torch_dtype=torch.float32)
+    prior_components = {"prior_" + k: v for k, v in prior_pipeline.components.items()}
+    pipeline = AutoPipelineForText2Image.from_pretrained(decoder, **prior_components, torch_dtype=torch.float32)
+    quiet(pipeline)
+    if library.__name__ == "minidiff":  # diffusers 0.42 refuses model offload without an accelerator
+        with pytest.warns(UserWarning, match="saves no memory"):
+            pipeline.enable_model_cpu_offload()
+    prompt = "a red circle on a white background"
+    negative_prompt = None
+    # A generator and a few steps are added (the document leaves the noise unseeded, 100 + 25 steps).
+    return pipeline(prompt=prompt, negative_prompt=negative_prompt, height=128, width=128, num_inference_steps=STEPS,
+                    prior_num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0)).images[0]
+
+
+def test_kandinsky_guide_inference_example(monkeypatch):
+    import diffusers
+
+    import minidiff
+
+    monkeypatch.chdir(ROOT)  # diffusers reads the decoder card's prior path from the working directory
+
+    prior, decoder = ROOT / "weights" / "shapes-prior", ROOT / "weights" / "shapes-decoder"
+    ours = kandinsky_guide_example(minidiff, prior, decoder)
+    ref = kandinsky_guide_example(diffusers, prior, decoder)
+    assert ours.size == ref.size == (128, 128)
+    diff = np.abs(np.asarray(ours, np.float32) - np.asarray(ref, np.float32))
+    assert diff.max() <= 1, diff.max()  # PIL images of the same float32 arithmetic: at most one level apart

@@ -663,3 +663,44 @@ def test_bad_input_errors(tmp_path):
 def test_make_betas_matches_schedulers():
     # the library function the notebook plots is the one the schedulers use
     assert torch.equal(make_betas(1000, 0.00085, 0.012, "scaled_linear"), DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").betas)
+
+
+@pytest.mark.parametrize("variance", ["fixed_small", "learned_range"])
+def test_kandinsky_decoder_scheduler_config(variance):
+    """kandinsky-2-2-decoder's scheduler_config.json (DDPM, linear 0.00085..0.012, leading,
+    steps_offset 1, no clipping; the DDIM key set_alpha_to_one is read and ignored by DDPM as in
+    diffusers), read from the shipped file by both libraries: the decoder pipeline's 100 steps,
+    and its DDIM alternative, in float64 to RTOL, with the learned-range variance the pipeline
+    can hand it too."""
+    from minidiff.data import config_folder
+
+    folder = config_folder("kandinsky-2-2-decoder")
+    ours = DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    ref = diffusers.DDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    if variance != "fixed_small":
+        ours = DDPMScheduler.from_config({**dict(ours.config), "variance_type": variance})
+        # Without the private keys: diffusers' `_use_default_values` would reset variance_type.
+        public = {k: v for k, v in ref.config.items() if not k.startswith("_")}
+        ref = diffusers.DDPMScheduler.from_config({**public, "variance_type": variance})
+    _float64(ref)
+    ours.set_timesteps(100)
+    ref.set_timesteps(100)
+    assert torch.equal(ours.timesteps, ref.timesteps) and int(ours.timesteps[0]) == 991
+    g_ours, g_ref = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x_ours = x_ref = _start()
+    learned = variance.startswith("learned")
+    for t in ours.timesteps:
+        a = ours.step(dummy_model(x_ours, t, learned), t, x_ours, generator=g_ours, return_dict=False)
+        b = ref.step(dummy_model(x_ref, t, learned), t, x_ref, generator=g_ref)
+        _compare_step(t, a, b)
+        x_ours, x_ref = a[0], b.prev_sample
+    ddim, ddim_ref = DDIMScheduler.from_pretrained(folder, subfolder="scheduler"), _float64(
+        diffusers.DDIMScheduler.from_pretrained(folder, subfolder="scheduler"))
+    ddim.set_timesteps(50)
+    ddim_ref.set_timesteps(50)
+    x_ours = x_ref = _start(1)
+    for t in ddim.timesteps:
+        a = ddim.step(dummy_model(x_ours, t), t, x_ours, return_dict=False)
+        b = ddim_ref.step(dummy_model(x_ref, t), t, x_ref)
+        _compare_step(t, a, b)
+        x_ours, x_ref = a[0], b.prev_sample

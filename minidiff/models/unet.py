@@ -24,10 +24,16 @@ References: Rombach et al. 2022, "High-Resolution Image Synthesis with Latent Di
 `UNet2DConditionModel`, whose checkpoint keys the attribute names below reproduce exactly, so
 `diffusion_pytorch_model.safetensors` loads with `load_state_dict(strict=True)`.
 
-Only the five block types SD uses are implemented, as plain classes. Config options that SD
+Only the five block types SD uses are implemented here, as plain classes. Config options that SD
 1.x/2.x never change are accepted at their diffusers default and refused otherwise
 (`UNSUPPORTED_UNLESS` below). Latent sizes must be divisible by 2**(number of downsamplers) (8
 for SD): then every upsampled map matches its skip connection exactly.
+
+The same class also builds the one other UNet minidiff teaches, Kandinsky 2.2's decoder: its own
+five blocks (resnets that resample themselves, attention with added key/values) and its image
+conditioning live in unet_kandinsky.py; here it needs only its option set
+(`DECODER_UNSUPPORTED_UNLESS`), one branch per block type in the constructor, and the forward's
+`added_cond_kwargs={"image_embeds": ...}` argument.
 """
 
 from __future__ import annotations
@@ -42,12 +48,23 @@ from torch import nn
 from minidiff.errors import InputError
 from minidiff.loading import PretrainedMixin
 from minidiff.models.embeddings import TimestepEmbedding, Timesteps, batch_timesteps
-from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
+from minidiff.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D, up_resnets
 from minidiff.models.transformer import SpatialTransformer
+from minidiff.models.unet_kandinsky import (
+    ImageProjection,
+    ImageTimeEmbedding,
+    ResnetDownsampleBlock2D,
+    ResnetUpsampleBlock2D,
+    SimpleCrossAttnDownBlock2D,
+    SimpleCrossAttnUpBlock2D,
+    UNetMidBlock2DSimpleCrossAttn,
+)
 from minidiff.single_file import SingleFileMixin
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("UpBlock2D", "CrossAttnUpBlock2D")
+DECODER_DOWN_BLOCK_TYPES = ("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D")
+DECODER_UP_BLOCK_TYPES = ("SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D")
 
 # Options of diffusers' UNet2DConditionModel that SD 1.x/2.x leave at their default. A config.json
 # may contain them (diffusers' save_pretrained writes every one) with one of the accepted values
@@ -89,10 +106,37 @@ UNSUPPORTED_UNLESS: dict[str, tuple] = {
     "cross_attention_norm": (None,),
 }
 
+# The Kandinsky 2.2 decoder (kandinsky-2-2-decoder/unet; blocks in unet_kandinsky.py) takes these
+# values instead, all together: a config is the decoder's when one of its down blocks is, and the
+# two families' blocks do not mix. Its attention ignores use_linear_projection and upcast_attention
+# (as diffusers' does), so only their defaults are accepted. encoder_hid_dim, the width of the image
+# embedding, is free (1280 in Kandinsky 2.2); the config checks that it is set.
+DECODER_UNSUPPORTED_UNLESS: dict[str, tuple] = {
+    **{k: v for k, v in UNSUPPORTED_UNLESS.items() if k != "encoder_hid_dim"},
+    "down_block_types": DECODER_DOWN_BLOCK_TYPES,
+    "up_block_types": DECODER_UP_BLOCK_TYPES,
+    "mid_block_type": ("UNetMidBlock2DSimpleCrossAttn",),
+    "resnet_time_scale_shift": ("scale_shift",),
+    "encoder_hid_dim_type": ("image_proj",),
+    "addition_embed_type": ("image",),
+    "num_attention_heads": (None,),  # diffusers refuses it too
+    "use_linear_projection": (False,),
+    "upcast_attention": (None, False),
+}
+
+
+def is_decoder_config(options: dict) -> bool:
+    """True for the Kandinsky 2.2 decoder family: some down block is one of its block types."""
+    return any(kind in DECODER_DOWN_BLOCK_TYPES for kind in options.get("down_block_types", ()))
+
 
 def check_supported(options: dict) -> None:
     """Raise a ValueError for the first option in `options` that minidiff does not implement."""
-    for key, accepted in UNSUPPORTED_UNLESS.items():
+    decoder = is_decoder_config(options)
+    table = DECODER_UNSUPPORTED_UNLESS if decoder else UNSUPPORTED_UNLESS
+    family = ("Kandinsky 2.2 decoder UNet (its down blocks are ResnetDownsampleBlock2D / SimpleCrossAttnDownBlock2D)"
+              if decoder else "Stable Diffusion 1.x/2.x UNet")
+    for key, accepted in table.items():
         if key not in options:
             continue
         value = options[key]
@@ -100,19 +144,19 @@ def check_supported(options: dict) -> None:
         if not all(v in accepted for v in entries):
             raise InputError(
                 f"UNet config option {key}={value!r} is not supported: minidiff implements the "
-                f"Stable Diffusion 1.x/2.x UNet, where {key} is always one of {list(accepted)}. "
+                f"{family}, where {key} is always one of {list(accepted)}. "
                 "This config describes another model family (e.g. SDXL, a class-conditional or an "
-                "upscaling UNet)."
+                "upscaling UNet), or mixes the blocks of SD and of the Kandinsky decoder."
             )
 
 
 @dataclass
 class UNet2DConditionConfig:
-    """The keys of an SD 1.x/2.x `unet/config.json`, with diffusers' defaults."""
+    """The keys of an SD 1.x/2.x or Kandinsky 2.2 decoder `unet/config.json`, with diffusers' defaults."""
 
     sample_size: int | None = None  # training latent size (64 for 512 px); informational only
     in_channels: int = 4
-    out_channels: int = 4
+    out_channels: int = 4  # 8 in the Kandinsky decoder: eps and the learned variance
     center_input_sample: bool = False  # map x -> 2x - 1 first (never set in SD)
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
@@ -128,7 +172,7 @@ class UNet2DConditionConfig:
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int = 1280
-    attention_head_dim: int | list[int] = 8  # the NUMBER of heads: see num_heads_per_block
+    attention_head_dim: int | list[int] = 8  # SD: the NUMBER of heads; see num_heads_per_block
     num_attention_heads: int | list[int] | None = None
     use_linear_projection: bool = False
     upcast_attention: bool | None = False  # SD 1.5's config says null: read as False
@@ -140,11 +184,19 @@ class UNet2DConditionConfig:
     resnet_time_scale_shift: str = "default"
     time_embedding_type: str = "positional"
     transformer_layers_per_block: int | list[int] = 1
-    addition_embed_type: str | None = None
+    addition_embed_type: str | None = None  # "image" in the Kandinsky decoder
+    # The Kandinsky decoder's image conditioning: "image_proj", and the image embedding width.
+    encoder_hid_dim_type: str | None = None
+    encoder_hid_dim: int | None = None
 
     def __post_init__(self):
         check_supported(vars(self))
         self.upcast_attention = bool(self.upcast_attention)
+        if self.encoder_hid_dim_type == "image_proj" and not isinstance(self.encoder_hid_dim, int):
+            raise InputError(
+                "encoder_hid_dim_type='image_proj' needs encoder_hid_dim, the width of the image embedding "
+                f"(1280 for Kandinsky 2.2's CLIP image encoder), got {self.encoder_hid_dim!r}."
+            )
         n = len(self.block_out_channels)
         if not (len(self.down_block_types) == len(self.up_block_types) == n):
             raise InputError(
@@ -176,9 +228,22 @@ class UNet2DConditionConfig:
         [5, 10, 20, 20] heads of head_dim 64. The name is a mistake diffusers keeps for
         compatibility (diffusers issue #2011); it lets `num_attention_heads`, when set, take
         precedence. Everywhere else minidiff says `num_heads` and `head_dim = channels // num_heads`.
+
+        In the Kandinsky decoder's blocks (diffusers' SimpleCrossAttn*) the name tells the truth:
+        it is the width of one head (64), so a level of C channels has C // 64 heads (6 to 24).
         """
-        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
         n = len(self.block_out_channels)
+        if is_decoder_config(vars(self)):
+            head_dim = self.attention_head_dim
+            if not isinstance(head_dim, int):
+                raise InputError(f"attention_head_dim must be one integer in the Kandinsky decoder (the width "
+                                 f"of every attention head, 64 there), got {head_dim!r}.")
+            for channels in self.block_out_channels:
+                if channels % head_dim != 0:
+                    raise InputError(f"A level with {channels} channels cannot be split into attention heads of "
+                                     f"attention_head_dim = {head_dim} channels each.")
+            return [channels // head_dim for channels in self.block_out_channels]
+        heads = self.num_attention_heads if self.num_attention_heads is not None else self.attention_head_dim
         if isinstance(heads, int):
             return [heads] * n
         if len(heads) != n:
@@ -256,28 +321,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
         return self.resnets[1](x, temb)
 
 
-def _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps):
-    """The resnets of one up level. Resnet j sees the running features (prev_channels from the
-    level below for j = 0, then out_channels) concatenated with one skip connection: the first
-    num_layers - 1 skips come from this level's down-path resnets (out_channels); the last one is
-    what entered the matching down block (skip_channels_last: the downsampler output of the
-    level above, or conv_in's output at the top)."""
-    resnets = []
-    for j in range(num_layers):
-        running = prev_channels if j == 0 else out_channels
-        skip = skip_channels_last if j == num_layers - 1 else out_channels
-        resnets.append(ResnetBlock2D(running + skip, out_channels, temb_channels, groups, eps))
-    return nn.ModuleList(resnets)
-
-
 class UpBlock2D(nn.Module):
     """num_layers x (concat a skip, resnet), then nearest x2 + conv unless this is the top level."""
 
     def __init__(self, prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps,
                  add_upsample):
         super().__init__()
-        self.resnets = _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
-                                   groups, eps)
+        self.resnets = up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
+                                  groups, eps)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips, temb, context=None):
@@ -296,8 +347,8 @@ class CrossAttnUpBlock2D(nn.Module):
     def __init__(self, prev_channels, out_channels, skip_channels_last, temb_channels, num_layers, groups, eps,
                  add_upsample, num_heads, context_dim, use_linear_projection, upcast):
         super().__init__()
-        self.resnets = _up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
-                                   groups, eps)
+        self.resnets = up_resnets(prev_channels, out_channels, skip_channels_last, temb_channels, num_layers,
+                                  groups, eps)
         self.attentions = nn.ModuleList(
             [SpatialTransformer(out_channels, num_heads, context_dim, groups, use_linear_projection, upcast)
              for _ in range(num_layers)]
@@ -328,11 +379,14 @@ class UNet2DConditionOutput:
 
 
 class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
-    """eps (or v) prediction: unet(x_t, t, text_hidden_states).sample -> (B, out_channels, H, W)."""
+    """eps (or v) prediction: unet(x_t, t, text_hidden_states).sample -> (B, out_channels, H, W).
+
+    Kandinsky 2.2 decoder: unet(x_t, t, None, added_cond_kwargs={"image_embeds": z_i}).sample.
+    """
 
     config_class = UNet2DConditionConfig
     # Keys diffusers writes that are not dataclass fields; checked by check_supported, then dropped.
-    config_ignore = tuple(k for k in UNSUPPORTED_UNLESS
+    config_ignore = tuple(k for k in {**UNSUPPORTED_UNLESS, **DECODER_UNSUPPORTED_UNLESS}
                           if k not in {f.name for f in dataclasses.fields(UNet2DConditionConfig)})
 
     def __init__(self, config: UNet2DConditionConfig):
@@ -345,10 +399,16 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
         norm = dict(groups=c.norm_num_groups, eps=c.norm_eps)
         attn = dict(context_dim=c.cross_attention_dim, use_linear_projection=c.use_linear_projection,
                     upcast=c.upcast_attention)
+        simple_attn = dict(context_dim=c.cross_attention_dim)  # the Kandinsky decoder's attention
 
         self.conv_in = nn.Conv2d(c.in_channels, ch[0], 3, padding=1)
         self.time_proj = Timesteps(ch[0], c.flip_sin_to_cos, c.freq_shift)
         self.time_embedding = TimestepEmbedding(ch[0], temb_channels, act=c.act_fn)
+        # Kandinsky decoder: the image embedding becomes the context tokens and joins the time embedding.
+        self.encoder_hid_proj = (ImageProjection(c.encoder_hid_dim, c.cross_attention_dim)
+                                 if c.encoder_hid_dim_type == "image_proj" else None)
+        self.add_embedding = (ImageTimeEmbedding(c.encoder_hid_dim, temb_channels)
+                              if c.addition_embed_type == "image" else None)
 
         self.down_blocks = nn.ModuleList()
         for i, kind in enumerate(c.down_block_types):
@@ -356,10 +416,18 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
                           num_layers=c.layers_per_block, add_downsample=i < n - 1, **norm)
             if kind == "CrossAttnDownBlock2D":
                 self.down_blocks.append(CrossAttnDownBlock2D(**common, num_heads=heads[i], **attn))
-            else:
+            elif kind == "DownBlock2D":
                 self.down_blocks.append(DownBlock2D(**common))
+            elif kind == "SimpleCrossAttnDownBlock2D":
+                self.down_blocks.append(SimpleCrossAttnDownBlock2D(**common, num_heads=heads[i], **simple_attn))
+            else:
+                self.down_blocks.append(ResnetDownsampleBlock2D(**common))
 
-        self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb_channels, num_heads=heads[-1], **norm, **attn)
+        if c.mid_block_type == "UNetMidBlock2DCrossAttn":
+            self.mid_block = UNetMidBlock2DCrossAttn(ch[-1], temb_channels, num_heads=heads[-1], **norm, **attn)
+        else:
+            self.mid_block = UNetMidBlock2DSimpleCrossAttn(ch[-1], temb_channels, num_heads=heads[-1], **norm,
+                                                           **simple_attn)
 
         self.up_blocks = nn.ModuleList()
         for i, kind in enumerate(c.up_block_types):
@@ -369,8 +437,12 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
                           num_layers=c.layers_per_block + 1, add_upsample=level > 0, **norm)
             if kind == "CrossAttnUpBlock2D":
                 self.up_blocks.append(CrossAttnUpBlock2D(**common, num_heads=heads[level], **attn))
-            else:
+            elif kind == "UpBlock2D":
                 self.up_blocks.append(UpBlock2D(**common))
+            elif kind == "SimpleCrossAttnUpBlock2D":
+                self.up_blocks.append(SimpleCrossAttnUpBlock2D(**common, num_heads=heads[level], **simple_attn))
+            else:
+                self.up_blocks.append(ResnetUpsampleBlock2D(**common))
 
         self.conv_norm_out = nn.GroupNorm(c.norm_num_groups, ch[0], eps=c.norm_eps)
         self.conv_out = nn.Conv2d(ch[0], c.out_channels, 3, padding=1)
@@ -389,22 +461,31 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
         self,
         sample: torch.Tensor,
         timestep: torch.Tensor | int | float,
-        encoder_hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
         return_dict: bool = True,
+        added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ):
         """sample (B, in_channels, H, W), timestep (python number, 0-d or (B,) tensor),
         encoder_hidden_states (B, M, cross_attention_dim) -> `.sample` (B, out_channels, H, W).
 
+        The Kandinsky decoder takes added_cond_kwargs={"image_embeds": (B, encoder_hid_dim)}
+        instead; its context tokens are made from the image embedding, and encoder_hidden_states,
+        if given, is not used (diffusers replaces it the same way).
+
         As in diffusers: an object with `.sample` (and `[0]`), or with `return_dict=False` the
         tuple `(sample,)`.
         """
-        B = self._check_inputs(sample, encoder_hidden_states)
+        B = self._check_inputs(sample, encoder_hidden_states, added_cond_kwargs)
         t = batch_timesteps(timestep, B, sample.device)  # (B,)
         context = encoder_hidden_states
 
         x = 2 * sample - 1.0 if self.config.center_input_sample else sample
         # The sinusoidal code is computed in fp32, then cast to the model's dtype.
         temb = self.time_embedding(self.time_proj(t).to(x.dtype))  # (B, 4*C0)
+        if self.add_embedding is not None:  # Kandinsky decoder (unCLIP, section 2.1)
+            temb = temb + self.add_embedding(added_cond_kwargs["image_embeds"])  # (B, 4*C0)
+        if self.encoder_hid_proj is not None:
+            context = self.encoder_hid_proj(added_cond_kwargs["image_embeds"])  # (B, 32, cross_attention_dim)
 
         h = self.conv_in(x)  # (B, C0, H, W)
         skips = [h]
@@ -420,7 +501,7 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
 
     # -- input checks ------------------------------------------------------------------------------
 
-    def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor) -> int:
+    def _check_inputs(self, sample: torch.Tensor, context: torch.Tensor | None, added_cond_kwargs: dict | None) -> int:
         c = self.config
         if sample.ndim != 4 or sample.shape[1] != c.in_channels:
             raise InputError(
@@ -433,6 +514,14 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
                 f"Latent height and width must be divisible by {factor} (the UNet halves them "
                 f"{len(c.block_out_channels) - 1} times and must double back to the same size), got {H}x{W}. "
                 f"For SD the image size must therefore be a multiple of {8 * factor} pixels."
+            )
+        if self.encoder_hid_proj is not None or self.add_embedding is not None:
+            self._check_image_embeds(sample, added_cond_kwargs)
+            return sample.shape[0]  # the context is made from the image embedding
+        if context is None:
+            raise InputError(
+                f"encoder_hidden_states is required: this UNet attends to text hidden states of shape "
+                f"(batch, tokens, {c.cross_attention_dim})."
             )
         if context.ndim != 3 or context.shape[-1] != c.cross_attention_dim:
             raise InputError(
@@ -451,3 +540,28 @@ class UNet2DConditionModel(nn.Module, PretrainedMixin, SingleFileMixin):
                 f"{context.dtype}; cast the inputs with .to({self.dtype})."
             )
         return sample.shape[0]
+
+    def _check_image_embeds(self, sample: torch.Tensor, added_cond_kwargs: dict | None) -> None:
+        width = self.config.encoder_hid_dim
+        image_embeds = (added_cond_kwargs or {}).get("image_embeds")
+        if image_embeds is None:
+            raise InputError(
+                "This UNet (the Kandinsky 2.2 decoder) is conditioned on an image embedding: pass "
+                f"added_cond_kwargs={{'image_embeds': tensor of shape (batch, {width})}}, e.g. the prior's output."
+            )
+        if not isinstance(image_embeds, torch.Tensor) or image_embeds.ndim != 2 or image_embeds.shape[1] != width:
+            shape = tuple(image_embeds.shape) if isinstance(image_embeds, torch.Tensor) else type(image_embeds).__name__
+            raise InputError(
+                f"added_cond_kwargs['image_embeds'] must have shape (batch, {width}) for this UNet (encoder_hid_dim), "
+                f"got {shape}. Is it the embedding of the CLIP image encoder this decoder was trained with?"
+            )
+        if image_embeds.shape[0] != sample.shape[0]:
+            raise InputError(
+                f"Batch sizes differ: sample has {sample.shape[0]}, image_embeds {image_embeds.shape[0]}. "
+                "With classifier-free guidance, concatenate the latents too: torch.cat([latents] * 2)."
+            )
+        if sample.dtype != self.dtype or image_embeds.dtype != self.dtype:
+            raise InputError(
+                f"The UNet weights are {self.dtype}, but sample is {sample.dtype} and image_embeds is "
+                f"{image_embeds.dtype}; cast the inputs with .to({self.dtype})."
+            )

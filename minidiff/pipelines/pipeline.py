@@ -51,6 +51,7 @@ from minidiff.models.clip import (
 from minidiff.models.prior import PriorTransformer
 from minidiff.models.unet import UNet2DConditionModel
 from minidiff.models.vae import AutoencoderKL
+from minidiff.models.vq import VQModel
 from minidiff.pipelines.settings import (
     recommended_settings,
     write_recommended_settings,
@@ -70,6 +71,7 @@ def component_class(class_name: str) -> tuple[type, str]:
     known = {
         "UNet2DConditionModel": (UNet2DConditionModel, "diffusers"),
         "AutoencoderKL": (AutoencoderKL, "diffusers"),
+        "VQModel": (VQModel, "diffusers"),
         "DDIMScheduler": (DDIMScheduler, "diffusers"),
         "DDIMInverseScheduler": (DDIMInverseScheduler, "diffusers"),
         "DDPMScheduler": (DDPMScheduler, "diffusers"),
@@ -103,6 +105,8 @@ PIPELINE_CLASSES = {
     "DiffEditPipeline": ("minidiff.pipelines.diffedit", "DiffEditPipeline"),
     "KandinskyV22PriorPipeline": ("minidiff.pipelines.kandinsky", "KandinskyV22PriorPipeline"),
     "KandinskyPriorPipeline": ("minidiff.pipelines.kandinsky", "KandinskyPriorPipeline"),
+    "KandinskyV22Pipeline": ("minidiff.pipelines.kandinsky_decoder", "KandinskyV22Pipeline"),
+    "KandinskyV22CombinedPipeline": ("minidiff.pipelines.kandinsky_decoder", "KandinskyV22CombinedPipeline"),
 }
 
 

@@ -32,6 +32,9 @@ Keys starting with "_" are comments. What each key sets:
       blend                     __call__'s ("diffusers" or "aligned", diffedit.py)
     text_to_image               StableDiffusionPipeline.__call__'s
       num_inference_steps, guidance_scale, negative_prompt
+    kandinsky                   KandinskyV22CombinedPipeline.__call__'s (a Kandinsky decoder folder)
+      num_inference_steps, guidance_scale (the decoder's), negative_prompt,
+      prior_num_inference_steps, prior_guidance_scale
 
 Every value is checked when the file is read, with the rules the methods apply, so a mistake in
 the file is one sentence naming the file and the key, not an error from deep inside a call.
@@ -72,6 +75,8 @@ DIFFUSERS_DEFAULTS: dict[str, dict[str, Any]] = {
         "invert_guidance_scale": 7.5, "edit_guidance_scale": 7.5, "negative_prompt": None, "blend": "diffusers",
     },
     "text_to_image": {"num_inference_steps": 50, "guidance_scale": 7.5, "negative_prompt": None},
+    "kandinsky": {"num_inference_steps": 100, "guidance_scale": 4.0, "negative_prompt": None,
+                  "prior_num_inference_steps": 25, "prior_guidance_scale": 4.0},
 }
 
 # The choices of diffedit.py's BLENDS and MASK_CLAMPS (importing diffedit here would close a
@@ -89,6 +94,8 @@ def _prompt(name: str, value: Any) -> None:
 CHECKS: dict[str, Callable[[str, Any], None]] = {
     "num_inference_steps": check_positive_int,
     "num_maps_per_mask": check_positive_int,
+    "prior_num_inference_steps": check_positive_int,
+    "prior_guidance_scale": lambda name, v: check_guidance(v, name),
     "mask_encode_strength": lambda name, v: check_number(name, v, low=0, high=1, low_open=True),
     "inpaint_strength": lambda name, v: check_number(name, v, low=0, high=1, low_open=True),
     "mask_thresholding_ratio": lambda name, v: check_number(name, v, low=0, low_open=True),

@@ -26,8 +26,9 @@ as the script's defaults. Two things differ from the script, both on purpose:
 trainable-but-unused parameters they would also break DistributedDataParallel). A prior built
 from `prior_config` (a fresh one, as the shapes world's) gets them from the training embeddings.
 
-Checkpoints: output_dir/checkpoint-<step>/ (checkpoints.py: atomic, `checkpoints_total_limit`,
-"latest" resume, corrupt ones refused). All randomness comes from one torch.Generator saved in
+The loop around one micro-batch (AdamW, schedule, accumulation, EMA, checkpoints, resume) is
+trainer.py's, shared with train-decoder. Checkpoints: output_dir/checkpoint-<step>/ (atomic,
+`checkpoints_total_limit`, "latest" resume, corrupt ones refused). All randomness comes from one torch.Generator saved in
 the checkpoint, so stopping and resuming gives the uninterrupted run's weights bit for bit (CPU).
 At the end output_dir becomes a prior pipeline folder, as kandinsky-2-2-prior is laid out
 (model_index.json, prior/, text_encoder/, image_encoder/, tokenizer/, scheduler/, image_processor/),
@@ -43,12 +44,9 @@ embedding itself, which a useful prior must beat.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
-import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,36 +61,10 @@ from minidiff.training.captioned_images import (
     read_captioned_images,
     shapes_captioned_images,
 )
-from minidiff.training.checkpoints import (
-    checkpoint_steps,
-    load_checkpoint,
-    resolve_checkpoint,
-    save_checkpoint,
-    to_cpu,
-)
+from minidiff.training.checkpoints import resolve_checkpoint
 from minidiff.training.min_snr import min_snr_weights
+from minidiff.training.trainer import Trainer, add_loop_arguments, check_loop_arguments, check_output_dir, save_pipeline
 from minidiff.validation import check_choice, check_number, check_positive_int
-
-LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
-MIXED_PRECISION = ("no", "fp16", "bf16")
-PIPELINE_PARTS = ("model_index.json", "prior", "text_encoder", "image_encoder", "tokenizer", "scheduler",
-                  "image_processor")
-
-
-def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
-    """The learning rate of optimizer step `step` (0-based) as a fraction of the peak, diffusers'
-    get_scheduler names: constant (no warmup), constant_with_warmup, linear and cosine (warmup,
-    then down to 0 at `total`)."""
-    if schedule == "constant":
-        return 1.0
-    if step < warmup:
-        return (step + 1) / warmup  # step 0 already takes a small step (LambdaLR after one .step())
-    if schedule == "constant_with_warmup":
-        return 1.0
-    progress = (step - warmup) / max(1, total - warmup)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,19 +206,6 @@ def describe_prompts(pipe, prompts: list[str], data: dict, k: int = 3, seed: int
 # Training
 
 
-def _check_output_dir(output_dir: Path, resume: str | None) -> None:
-    """Nothing a user owns is overwritten: a new run needs a folder without a finished pipeline
-    or another run's checkpoints."""
-    if output_dir.is_file():
-        raise InputError(f"--output_dir {str(output_dir)!r} is a file; give a folder.")
-    if resume is None and output_dir.is_dir():
-        if checkpoint_steps(output_dir):
-            raise InputError(f"--output_dir {str(output_dir)!r} holds checkpoints of an earlier run; pass "
-                             f"--resume_from_checkpoint latest to continue it, or choose another folder.")
-        if (output_dir / "model_index.json").exists():
-            raise InputError(f"--output_dir {str(output_dir)!r} already holds a trained pipeline; choose another folder.")
-
-
 def build_prior(folder: Path, prior_config: dict | str | None, image_embeds: torch.Tensor):
     """The prior to train: `prior_config` (a dict or a config.json path) builds a fresh one whose
     clip_mean / clip_std are the training embeddings' per-dimension mean and std; otherwise
@@ -278,20 +237,8 @@ def prior_pipeline(prior, source: Path, encoders: dict):
 
 
 def save_prior_pipeline(output_dir: Path, pipe) -> None:
-    """output_dir as a prior pipeline folder (kandinsky-2-2-prior's layout), written next to it
-    first and moved in part by part when complete."""
-    import shutil
-    import tempfile
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".pipeline.", dir=output_dir) as tmp:
-        pipe.save_pretrained(tmp)
-        for name in PIPELINE_PARTS:
-            if (Path(tmp) / name).exists():
-                target = output_dir / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                (Path(tmp) / name).replace(target)
+    """output_dir as a prior pipeline folder (kandinsky-2-2-prior's layout): trainer.save_pipeline."""
+    save_pipeline(output_dir, pipe)
 
 
 def train_prior(
@@ -349,24 +296,15 @@ def train_prior(
         raise InputError("Give the training data: --train_data_dir FOLDER_OR_FILE or --dataset shapes (one of them).")
     if dataset is not None:
         check_choice("--dataset", dataset, ("shapes",))
-    for name, value in (("--train_batch_size", train_batch_size), ("--max_train_steps", max_train_steps),
-                        ("--gradient_accumulation_steps", gradient_accumulation_steps),
-                        ("--checkpointing_steps", checkpointing_steps), ("--num_train_samples", num_train_samples)):
-        check_positive_int(name, value)
-    if checkpoints_total_limit is not None:
-        check_positive_int("--checkpoints_total_limit", checkpoints_total_limit)
-    check_number("--learning_rate", learning_rate, low=0, low_open=True, why="the peak learning rate")
-    check_number("--lr_warmup_steps", lr_warmup_steps, low=0, why="steps of warmup")
-    check_number("--max_grad_norm", max_grad_norm, low=0, low_open=True, why="the gradient clipping norm")
+    device = check_loop_arguments(
+        train_batch_size=train_batch_size, max_train_steps=max_train_steps,
+        gradient_accumulation_steps=gradient_accumulation_steps, checkpointing_steps=checkpointing_steps,
+        checkpoints_total_limit=checkpoints_total_limit, learning_rate=learning_rate, lr_warmup_steps=lr_warmup_steps,
+        max_grad_norm=max_grad_norm, snr_gamma=snr_gamma, lr_scheduler=lr_scheduler, mixed_precision=mixed_precision,
+        device=device)
+    check_positive_int("--num_train_samples", num_train_samples)
     check_number("--caption_dropout", caption_dropout, low=0, high=1, why="a probability")
-    if snr_gamma is not None:
-        check_number("--snr_gamma", snr_gamma, low=0, low_open=True, why="Min-SNR's gamma")
-    check_choice("--lr_scheduler", lr_scheduler, LR_SCHEDULES)
-    check_choice("--mixed_precision", mixed_precision, MIXED_PRECISION)
-    device = torch.device(device)
-    if mixed_precision == "fp16" and device.type != "cuda":
-        raise InputError("--mixed_precision fp16 needs a CUDA device (fp16 autocast with loss scaling); use bf16 on a CPU.")
-    _check_output_dir(output_dir, resume_from_checkpoint)
+    check_output_dir(output_dir, resume_from_checkpoint)
     resume_folder = resolve_checkpoint(output_dir, resume_from_checkpoint) if resume_from_checkpoint else None
     if train_data_dir is not None:
         pairs = read_captioned_images(train_data_dir, image_column, caption_column)
@@ -384,105 +322,56 @@ def train_prior(
                        desc="encode validation pairs") if val_pairs else None
     empty = data["captions"].index("")
 
-    # 3. The prior, its EMA, AdamW, the learning-rate schedule, the generator.
+    # 3. The prior, and the shared loop around it (trainer.py: AdamW, schedule, EMA, checkpoints).
     from minidiff.schedulers.ddpm import DDPMScheduler
 
     noise_scheduler = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="sample")
     alphas_cumprod = noise_scheduler.alphas_cumprod
     torch.manual_seed(seed)
     prior = build_prior(source, prior_config, data["image_embeds"]).to(device).train()
-    ema = copy.deepcopy(prior).requires_grad_(False).eval() if use_ema else None
-    trainable = [p for p in prior.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=learning_rate, betas=(adam_beta1, adam_beta2), eps=adam_epsilon,
-                            weight_decay=adam_weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(lr_scheduler, s, int(lr_warmup_steps), max_train_steps))
-    g = torch.Generator().manual_seed(seed)  # batches, t, noise, caption dropout: all of it
-    scaler = torch.amp.GradScaler("cuda") if mixed_precision == "fp16" else None
-    history: list[float] = []
-    step = 0
+    trainer = Trainer("prior", prior, output_dir, max_train_steps=max_train_steps, learning_rate=learning_rate,
+                      lr_scheduler=lr_scheduler, lr_warmup_steps=lr_warmup_steps, adam_beta1=adam_beta1,
+                      adam_beta2=adam_beta2, adam_weight_decay=adam_weight_decay, adam_epsilon=adam_epsilon,
+                      max_grad_norm=max_grad_norm, gradient_accumulation_steps=gradient_accumulation_steps,
+                      mixed_precision=mixed_precision, checkpointing_steps=checkpointing_steps,
+                      checkpoints_total_limit=checkpoints_total_limit, use_ema=use_ema, ema_decay=ema_decay,
+                      seed=seed, device=device, desc="train prior", progress=progress)
     if resume_folder is not None:
-        state = load_checkpoint(resume_folder)
-        prior.load_state_dict(state["prior"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["lr_scheduler"])
-        g.set_state(state["generator"])
-        history, step = state["history"], state["step"]
+        trainer.resume(resume_folder)
     mean, std = prior.clip_mean.detach().cpu(), prior.clip_std.detach().cpu()
-    kept = ema if ema is not None else prior  # what validation samples and the folder gets
+    kept = trainer.kept  # what validation samples and the folder gets
     val_pipe = prior_pipeline(kept, source, encoders) if val is not None else None  # follows kept's weights
+    n = len(data["caption_index"])
 
-    def checkpoint() -> None:
-        state = {"step": step, "prior": prior.state_dict(), "optimizer": opt.state_dict(),
-                 "lr_scheduler": schedule.state_dict(), "generator": g.get_state(), "history": history}
-        if ema is not None:
-            state["ema"] = ema.state_dict()
-        save_checkpoint(output_dir, step, to_cpu(state), checkpoints_total_limit)
-        write_json({"step": step, "loss": history}, output_dir / "loss_log.json")
+    # 4. One micro-batch: normalised image embeddings, noised; the prior predicts them back.
+    def micro_batch(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, n, (train_batch_size,), generator=g)
+        caption = data["caption_index"][idx]
+        drop = torch.rand(train_batch_size, generator=g) < caption_dropout
+        caption = torch.where(drop, torch.full_like(caption, empty), caption)
+        z_0 = (data["image_embeds"][idx] - mean) / std  # normalised image embeddings (B, P)
+        eps = torch.randn(z_0.shape, generator=g)
+        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (train_batch_size,), generator=g)
+        z_t = noise_scheduler.add_noise(z_0, eps, t)  # DDPM eq. 4
+        weight = min_snr_weights(alphas_cumprod, t, snr_gamma, "sample")
+        z_0, z_t, t, weight = (x.to(device) for x in (z_0, z_t, t, weight))
+        with trainer.autocast():
+            pred = prior(z_t, timestep=t, proj_embedding=data["text_embeds"][caption].to(device),
+                         encoder_hidden_states=data["states"][caption].to(device),
+                         attention_mask=data["mask"][caption].to(device)).predicted_image_embedding
+        per_sample = (pred.float() - z_0).pow(2).mean(dim=1)  # (B,)
+        return (weight * per_sample).mean()
 
-    # 4. The loop: one optimizer step = gradient_accumulation_steps micro-batches.
-    amp_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision)
-    n, t0, first = len(data["caption_index"]), time.time(), step
-    bar = tqdm(total=max_train_steps, initial=step, desc="train prior", disable=not progress)
-    while step < max_train_steps:
-        total_loss = 0.0
-        for _ in range(gradient_accumulation_steps):
-            idx = torch.randint(0, n, (train_batch_size,), generator=g)
-            caption = data["caption_index"][idx]
-            drop = torch.rand(train_batch_size, generator=g) < caption_dropout
-            caption = torch.where(drop, torch.full_like(caption, empty), caption)
-            z_0 = (data["image_embeds"][idx] - mean) / std  # normalised image embeddings (B, P)
-            eps = torch.randn(z_0.shape, generator=g)
-            t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (train_batch_size,), generator=g)
-            z_t = noise_scheduler.add_noise(z_0, eps, t)  # DDPM eq. 4
-            weight = min_snr_weights(alphas_cumprod, t, snr_gamma, "sample")
-            z_0, z_t, t, weight = (x.to(device) for x in (z_0, z_t, t, weight))
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                pred = prior(z_t, timestep=t, proj_embedding=data["text_embeds"][caption].to(device),
-                             encoder_hidden_states=data["states"][caption].to(device),
-                             attention_mask=data["mask"][caption].to(device)).predicted_image_embedding
-            per_sample = (pred.float() - z_0).pow(2).mean(dim=1)  # (B,)
-            loss = (weight * per_sample).mean() / gradient_accumulation_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-            total_loss += loss.item()
-        if scaler:
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(trainable, max_grad_norm)
-        scaler.step(opt) if scaler else opt.step()
-        if scaler:
-            scaler.update()
-        schedule.step()
-        opt.zero_grad(set_to_none=True)
-        if ema is not None:  # EMA with the usual warmup (diffusers' EMAModel without use_ema_warmup)
-            decay = min(ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), prior.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
-        step += 1
-        history.append(total_loss)
-        bar.update(1)
-        bar.set_postfix(loss=f"{total_loss:.4f}", lr=f"{schedule.get_last_lr()[0]:.2e}")
-        out_of_time = max_minutes is not None and time.time() - t0 > 60 * max_minutes
-        stopping = out_of_time or (stop_after is not None and step - first >= stop_after)
-        if step % checkpointing_steps == 0 or step == max_train_steps or stopping:
-            checkpoint()
-        if val is not None and validation_steps and step % validation_steps == 0 and step < max_train_steps:
-            tqdm.write(json.dumps({"step": step, **_validate(val_pipe, val)}))
-        if stopping:
-            break
-    bar.close()
-    summary = {"step": step, "max_train_steps": max_train_steps, "seconds": time.time() - t0,
-               "loss_last_100": sum(history[-100:]) / max(1, len(history[-100:]))}
-    if step < max_train_steps:
-        return {**summary, "finished": False}
+    summary = trainer.run(micro_batch, max_minutes=max_minutes, stop_after=stop_after,
+                          validate=(lambda: _validate(val_pipe, val)) if val is not None else None,
+                          validation_steps=validation_steps)
+    if not summary["finished"]:
+        return summary
 
     # 5. The finished run: the prior pipeline folder, and what it is worth.
     encoders = {k: (v.cpu() if hasattr(v, "cpu") else v) for k, v in encoders.items()}
     pipe = prior_pipeline(kept.cpu().eval(), source, encoders)
     save_prior_pipeline(output_dir, pipe)
-    summary["finished"] = True
     if val is not None:
         summary["validation"] = _validate(pipe, val)
         if validation_prompts:
@@ -591,28 +480,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     arg("validation_prompts", nargs="+", default=None, help="prompts whose nearest held-out images are reported")
     arg("validation_steps", type=int, default=None, help="validate every N steps (default: at the end only)")
     arg("prior_config", default=None, help="a PriorTransformer config.json: train a new prior instead of fine-tuning")
-    arg("train_batch_size", type=int, default=1)
-    arg("max_train_steps", type=int, default=1000)
-    arg("learning_rate", type=float, default=1e-4)
-    arg("lr_scheduler", default="constant", choices=list(LR_SCHEDULES))
-    arg("lr_warmup_steps", type=int, default=0)
-    arg("adam_beta1", type=float, default=0.9)
-    arg("adam_beta2", type=float, default=0.999)
-    arg("adam_weight_decay", type=float, default=0.0)
-    arg("adam_epsilon", type=float, default=1e-8)
-    arg("max_grad_norm", type=float, default=1.0)
-    arg("snr_gamma", type=float, default=None, help="Min-SNR gamma (5.0 recommended); default: plain MSE")
-    arg("gradient_accumulation_steps", type=int, default=1)
-    arg("mixed_precision", default="no", choices=list(MIXED_PRECISION))
-    arg("checkpointing_steps", type=int, default=500)
-    arg("checkpoints_total_limit", type=int, default=None)
-    arg("resume_from_checkpoint", default=None, help='"latest" or a checkpoint folder')
-    arg("use_ema", action="store_true")
+    add_loop_arguments(arg, lr_warmup_steps=0)
     arg("caption_dropout", type=float, default=0.0,
         help="probability of training on the empty caption (0 = the script; 0.1 = the original Kandinsky trainer)")
-    arg("seed", type=int, default=0)
-    arg("device", default="cpu")
-    arg("max_minutes", type=float, default=None, help="stop with a checkpoint after this much wall time")
     return p
 
 

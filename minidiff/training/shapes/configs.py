@@ -63,3 +63,24 @@ PRIOR_CONFIG = dict(
 # The prior's sampler, as kandinsky-2-2-prior's scheduler_config.json sets it.
 PRIOR_SCHEDULER = dict(num_train_timesteps=1000, variance_type="fixed_small_log", clip_sample=True,
                        clip_sample_range=10.0, prediction_type="sample")
+# The shapes MoVQ (kandinsky-2-2-decoder/movq's block layout at a quarter of the width or less):
+# f = 8, 4 latent channels, attention at the lowest level of encoder and decoder, spatial norms.
+# Widths are multiples of 32 because SpatialNorm's GroupNorm always has 32 groups (diffusers).
+MOVQ_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, vq_embed_dim=4, num_vq_embeddings=1024, sample_size=128,
+    layers_per_block=1, block_out_channels=(32, 32, 64, 64), norm_num_groups=8, norm_type="spatial",
+    down_block_types=("DownEncoderBlock2D",) * 3 + ("AttnDownEncoderBlock2D",),
+    up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 3,
+)
+# The shapes decoder UNet: every option of kandinsky-2-2-decoder/unet (resnet up/down-sampling,
+# simple cross-attention with added key/values, scale-shift time conditioning, image_proj tokens
+# and the "image" added embedding, 8 output channels), on 16x16 MoVQ latents; conditioned on the
+# shapes CLIP's 64-wide image embedding. attention_head_dim is the head *size* in these blocks.
+DECODER_UNET_CONFIG = dict(
+    sample_size=16, in_channels=4, out_channels=8, layers_per_block=1, block_out_channels=(32, 64, 64),
+    norm_num_groups=16, attention_head_dim=16, cross_attention_dim=64,
+    down_block_types=("ResnetDownsampleBlock2D", "SimpleCrossAttnDownBlock2D", "SimpleCrossAttnDownBlock2D"),
+    up_block_types=("SimpleCrossAttnUpBlock2D", "SimpleCrossAttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    mid_block_type="UNetMidBlock2DSimpleCrossAttn", resnet_time_scale_shift="scale_shift",
+    encoder_hid_dim=VISION_CONFIG["projection_dim"], encoder_hid_dim_type="image_proj", addition_embed_type="image",
+)

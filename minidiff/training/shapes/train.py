@@ -14,6 +14,9 @@
     minidiff train-shapes eval-edit-outside --n 200  (DiffEdit on scenes drawn with plain PIL, outside.py)
     minidiff train-shapes eval-readme --seeds 10     (the README's edit on seeds 0..9; --blend, default aligned)
     minidiff train-shapes eval-prior --model weights/shapes-prior   (the prior on held-out captions, guidance 1 and 4)
+    minidiff train-shapes movq --steps 2500 --batch-size 16      (the Kandinsky decoder's MoVQ, train_movq.py)
+    minidiff train-shapes decoder-folder --out DIR   (movq/ + scheduler/ + unet_config.json for minidiff train-decoder)
+    minidiff train-shapes eval-decoder --model weights/shapes-decoder   (text -> prior -> decoder, judged)
 
 Train in the order vae, clip, unet (the UNet reads the frozen VAE and text encoder); each writes
 its checkpoint and its component to --ckpt-dir (default $SHAPES_CKPT_DIR, else /tmp/shapes_ckpt).
@@ -66,7 +69,8 @@ DEFAULT_MODEL = "weights/shapes"  # relative: the bundled model, seen from the r
 
 def main(argv=None, prog: str | None = None) -> None:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["vae", "clip", "unet", "export", "prior-folder", "eval", "eval-edit",
+    p.add_argument("what", choices=["vae", "clip", "unet", "movq", "export", "prior-folder", "decoder-folder",
+                                    "eval-decoder", "eval", "eval-edit",
                                     "eval-two-objects", "eval-edit-outside", "eval-readme", "eval-prior"],
                    help="a component to train (vae, clip, unet: in that order), export (assemble the "
                         "diffusers folder --out), prior-folder (the shapes CLIP as the starting folder of "
@@ -102,11 +106,11 @@ def main(argv=None, prog: str | None = None) -> None:
     p.add_argument("--blend", choices=["diffusers", "aligned"], default="aligned",
                    help="eval-readme: the blend of the masked denoising (default aligned, as the README)")
     args = p.parse_args(argv)
-    if args.what in ("export", "prior-folder") and args.out is None:
+    if args.what in ("export", "prior-folder", "decoder-folder") and args.out is None:
         p.error(f"{args.what} needs --out FOLDER, the folder to write")
-    if args.what not in ("export", "prior-folder") and args.out is not None:
+    if args.what not in ("export", "prior-folder", "decoder-folder") and args.out is not None:
         p.error(f"{args.what} does not write a pipeline folder: --out is export's; the folder to score is --model")
-    training = args.what in ("vae", "clip", "unet")
+    training = args.what in ("vae", "clip", "unet", "movq")
     if args.device is not None and not training:
         p.error(f"{args.what} runs on the CPU: --device is for the training commands vae, clip and unet")
     device = training_device(args.device or "cpu") if training else None  # refused before any work
@@ -146,6 +150,24 @@ def main(argv=None, prog: str | None = None) -> None:
             kw["pool_size"] = args.pool_size
         train_unet(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
                    device=device, init_from=args.init_from, **kw)
+    elif args.what == "movq":
+        from minidiff.training.shapes.kandinsky import evaluate_movq
+        from minidiff.training.shapes.train_movq import train_movq
+
+        movq = train_movq(args.ckpt_dir, seed=args.seed, resume=args.resume, max_minutes=args.max_minutes,
+                          device=device, **kw)
+        print(json.dumps(evaluate_movq(movq), indent=2))
+    elif args.what == "decoder-folder":
+        from minidiff.training.shapes.kandinsky import save_decoder_start
+
+        save_decoder_start(args.out, args.ckpt_dir)
+        print(f"{args.out}: the decoder's starting folder; train with minidiff train-decoder "
+              f"--pretrained_decoder_model_name_or_path {args.out} --unet_config {Path(args.out) / 'unet_config.json'} "
+              "--pretrained_prior_model_name_or_path weights/shapes-prior --dataset shapes ...")
+    elif args.what == "eval-decoder":
+        from minidiff.training.shapes.kandinsky import evaluate_kandinsky
+
+        print(json.dumps(evaluate_kandinsky(args.model, n=args.n, seed=args.seed), indent=2))
     elif args.what == "export":
         save_pipeline(args.out, args.ckpt_dir, overwrite=args.overwrite)
         print(f"{args.out}: {folder_size_mb(args.out):.1f} MB (without the judge)")
