@@ -109,13 +109,11 @@ def check_args(args) -> None:
 KANDINSKY_DECODERS = ("KandinskyV22Pipeline", "KandinskyV22CombinedPipeline")
 
 
-def _model_geometry(root: Path) -> tuple[int, int, int]:
+def _model_geometry(root: Path, kandinsky: bool) -> tuple[int, int, int]:
     """(size multiple, VAE or MoVQ factor, native image side) from the checkpoint's config files.
     A Kandinsky decoder's sides must also be multiples of f**2, the rounding its pipeline applies
     (kandinsky_decoder.latent_size), so that the image has the size asked for."""
-    index = read_json(root, "model_index.json")
     unet = read_json(resolve_folder(root, "unet"), "config.json")
-    kandinsky = index.get("_class_name") in KANDINSKY_DECODERS
     vae = read_json(resolve_folder(root, "movq" if kandinsky else "vae"), "config.json")
     f = 2 ** (len(vae["block_out_channels"]) - 1)
     halvings = 2 ** (len(unet["block_out_channels"]) - 1)
@@ -138,8 +136,8 @@ def read_model(args) -> None:
     "diffedit" else) with diffusers' defaults for what it leaves out. Every flag not given
     (None) takes its value from `args.settings`."""
     root = resolve_folder(args.model, allow_patterns=["*.json", "*.md"])
-    args.geometry = _model_geometry(root)
     args.kandinsky = read_json(root, "model_index.json").get("_class_name") in KANDINSKY_DECODERS
+    args.geometry = _model_geometry(root, args.kandinsky)
     if args.kandinsky and args.command != "generate":
         raise InputError(f"{args.model} is a Kandinsky decoder; `minidiff {args.command}` is DiffEdit's, which needs a "
                          "Stable Diffusion folder. `minidiff generate` runs this one.")

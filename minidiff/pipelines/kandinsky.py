@@ -69,6 +69,17 @@ def _as_list(prompt, name: str) -> list[str] | None:
     raise InputError(f"`{name}` must be a string or a list of strings; got {type(prompt).__name__}.")
 
 
+@torch.no_grad()
+def zero_image_embed(image_encoder, device=None) -> torch.Tensor:
+    """(1, P): the image encoder's embedding of an all-zero image (zero after CLIP's normalisation),
+    in the encoder's dtype: the prior pipeline's `negative_image_embeds`, and what the decoder
+    trainer's image-embedding dropout trains on."""
+    weight = next(image_encoder.parameters())
+    side = image_encoder.config.image_size
+    zero = torch.zeros(1, 3, side, side, device=weight.device if device is None else device, dtype=weight.dtype)
+    return image_encoder(zero).image_embeds
+
+
 # What callback_on_step_end may ask for (diffusers' _callback_tensor_inputs).
 CALLBACK_TENSORS = ("latents", "prompt_embeds", "text_encoder_hidden_states", "text_mask")
 
@@ -95,10 +106,7 @@ class KandinskyV22PriorPipeline(DiffusionPipeline):
         conditioning. Zero *after* CLIP's normalisation, i.e. a grey image close to CLIP's mean
         colour, not a black one."""
         device = self.device if device is None else device
-        side = self.image_encoder.config.image_size
-        weight = next(self.image_encoder.parameters())
-        zero = torch.zeros(1, 3, side, side, device=device, dtype=weight.dtype)
-        return self.image_encoder(zero).image_embeds.to(self.dtype).repeat(batch_size, 1)
+        return zero_image_embed(self.image_encoder, device).to(self.dtype).repeat(batch_size, 1)
 
     @torch.no_grad()
     def _encode_text(self, prompts: list[str], device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

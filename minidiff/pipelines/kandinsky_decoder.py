@@ -103,22 +103,29 @@ class KandinskyV22Pipeline(DiffusionPipeline):
     @property
     def movq_scale_factor(self) -> int:
         """Pixels per latent along a side: 2 ** (MoVQ levels - 1) (8 for Kandinsky 2.2)."""
-        return 2 ** (len(self.movq.config.block_out_channels) - 1)
+        return self.movq.downsample_factor
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.unet.parameters()).dtype
 
-    def _check(self, image_embeds, negative_image_embeds, height, width, num_inference_steps, guidance_scale,
-               num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs):
+    @staticmethod
+    def check_call(height, width, num_inference_steps, guidance_scale, output_type,
+                   callback_on_step_end_tensor_inputs) -> None:
+        """The decoder call's own arguments (the combined pipeline checks them before its prior runs)."""
         check_positive_int("num_inference_steps", num_inference_steps)
-        check_positive_int("num_images_per_prompt", num_images_per_prompt)
         check_positive_int("height", height, " pixels")
         check_positive_int("width", width, " pixels")
         check_guidance(guidance_scale)
         check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
         for name in callback_on_step_end_tensor_inputs:
             check_choice("callback_on_step_end_tensor_inputs", name, CALLBACK_TENSORS)
+
+    def _check(self, image_embeds, negative_image_embeds, height, width, num_inference_steps, guidance_scale,
+               num_images_per_prompt, output_type, callback_on_step_end_tensor_inputs):
+        self.check_call(height, width, num_inference_steps, guidance_scale, output_type,
+                        callback_on_step_end_tensor_inputs)
+        check_positive_int("num_images_per_prompt", num_images_per_prompt)
         width_e = self.unet.config.encoder_hid_dim
         for name, e in (("image_embeds", image_embeds), ("negative_image_embeds", negative_image_embeds)):
             if e is not None and e.shape[-1] != width_e:
@@ -315,15 +322,10 @@ class KandinskyV22CombinedPipeline(DiffusionPipeline):
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
     ):
-        # Every argument is checked before the prior runs: a bad decoder argument must not cost
-        # a prior run first.
-        check_positive_int("num_inference_steps", num_inference_steps)
-        check_positive_int("height", height, " pixels")
-        check_positive_int("width", width, " pixels")
-        check_guidance(guidance_scale)
-        check_choice("output_type", output_type, ("pil", "np", "pt", "latent"))
-        for name in callback_on_step_end_tensor_inputs:
-            check_choice("callback_on_step_end_tensor_inputs", name, CALLBACK_TENSORS)
+        # The decoder's arguments are checked before the prior runs: a bad one must not cost a
+        # prior run first (the prior pipeline checks its own).
+        KandinskyV22Pipeline.check_call(height, width, num_inference_steps, guidance_scale, output_type,
+                                        callback_on_step_end_tensor_inputs)
         # 1. The prior: (B*n, E) image embeddings and their negatives. `latents` are its noise.
         image_embeds, negative_image_embeds = self.prior_pipe(
             prompt=prompt, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,

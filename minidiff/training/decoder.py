@@ -99,14 +99,11 @@ def _fingerprint(pairs: list[CaptionedImage], frozen: dict, resolution: int) -> 
     return h.hexdigest()
 
 
-@torch.no_grad()
 def zero_image_embed(frozen: dict) -> torch.Tensor:
-    """(E,): the image encoder's embedding of an all-zero (CLIP-normalised) image, what the prior
-    pipeline returns as negative_image_embeds (KandinskyV22PriorPipeline.get_zero_embed)."""
-    encoder = frozen["image_encoder"]
-    side = encoder.config.image_size
-    weight = next(encoder.parameters())
-    return encoder(torch.zeros(1, 3, side, side, device=weight.device, dtype=weight.dtype)).image_embeds[0].float().cpu()
+    """(E,) float32 on the CPU: the prior pipeline's negative_image_embeds (kandinsky.zero_image_embed)."""
+    from minidiff.pipelines.kandinsky import zero_image_embed as zero
+
+    return zero(frozen["image_encoder"])[0].float().cpu()
 
 
 @torch.no_grad()
@@ -264,11 +261,10 @@ def train_decoder(
 
     # 2. Frozen MoVQ and image encoder; every image's latent and embedding, once.
     frozen = load_frozen(decoder, prior, device=device)
-    movq_factor = 2 ** (len(frozen["movq"].config.block_out_channels) - 1)
     torch.manual_seed(seed)
     unet = build_unet(decoder, unet_config, frozen["image_encoder"].config.projection_dim).to(device).train()
     if resolution is None:
-        resolution = movq_factor * (unet.config.sample_size or 64)
+        resolution = frozen["movq"].downsample_factor * (unet.config.sample_size or 64)
     data = encode_images(pairs, frozen, resolution, cache=output_dir / "latents.pt", progress=progress)
     val = encode_images(val_pairs, frozen, resolution, cache=output_dir / "validation_latents.pt", progress=progress,
                         desc="encode validation images") if val_pairs else None

@@ -93,14 +93,20 @@ def evaluate_text_to_image(folder, n: int = 200, steps: int = 25, guidance_scale
     """Single-object held-out prompts ("a red circle on a white background") -> images -> judge."""
     judge = load_judge(Path(folder) / "judge")
     scenes = held_out_scenes("test", n, num_objects=1)
-    ok_c = ok_s = ok_both = 0
-    for scene, image in generated_scenes(folder, scenes, steps, guidance_scale, seed, batch_size,
-                                         "text-to-image eval", progress, device):
+    pairs = generated_scenes(folder, scenes, steps, guidance_scale, seed, batch_size, "text-to-image eval", progress,
+                             device)
+    return {**judge_single_objects(judge, pairs), "n": n, "steps": steps, "guidance_scale": guidance_scale}
+
+
+def judge_single_objects(judge: ShapesJudge, pairs) -> dict:
+    """Fractions of (single-object scene, image (3, H, W)) pairs whose image the judge reads with the
+    scene's colour, its shape, and both."""
+    ok_c = ok_s = ok_both = n = 0
+    for scene, image in pairs:
         r = judge.classify_single(image)
         c, s = r.colour == scene.objects[0].colour, r.shape == scene.objects[0].shape
-        ok_c, ok_s, ok_both = ok_c + c, ok_s + s, ok_both + (c and s)
-    return {"colour": ok_c / n, "shape": ok_s / n, "both": ok_both / n, "n": n, "steps": steps,
-            "guidance_scale": guidance_scale}
+        ok_c, ok_s, ok_both, n = ok_c + c, ok_s + s, ok_both + (c and s), n + 1
+    return {"colour": ok_c / n, "shape": ok_s / n, "both": ok_both / n}
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from minidiff.errors import InputError
 from minidiff.loading import write_json
 from minidiff.training.shapes.configs import DECODER_UNET_CONFIG
 from minidiff.training.shapes.data import held_out_scenes, scenes_to_tensor
-from minidiff.training.shapes.evaluate import mean_psnr
+from minidiff.training.shapes.evaluate import judge_single_objects, mean_psnr
 from minidiff.training.shapes.judge import load_judge
 
 # The judge lives with the SD-style shapes model; one judge scores both families.
@@ -55,15 +55,12 @@ def export_decoder(run_dir, out_dir, prior: str = "weights/shapes-prior", settin
                    dtype: torch.dtype = torch.float16) -> Path:
     from minidiff.pipelines.kandinsky_decoder import KandinskyV22Pipeline
     from minidiff.pipelines.settings import write_recommended_settings
+    from minidiff.training.trainer import save_pipeline
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(p.name != "README.md" for p in out_dir.iterdir()):
         raise InputError(f"{str(out_dir)!r} already holds files; export into a new folder.")
-    pipe = KandinskyV22Pipeline.from_pretrained(run_dir, torch_dtype=torch.float32).to(dtype)
-    pipe.save_pretrained(out_dir / ".export")
-    for part in sorted((out_dir / ".export").iterdir()):
-        part.replace(out_dir / part.name)
-    (out_dir / ".export").rmdir()
+    save_pipeline(out_dir, KandinskyV22Pipeline.from_pretrained(run_dir, torch_dtype=torch.float32).to(dtype))
     if settings:
         write_recommended_settings(settings, out_dir)
     (out_dir / "training").mkdir()
@@ -105,7 +102,7 @@ def evaluate_kandinsky(folder, n: int = 200, steps: int = 50, guidance_scale: fl
     pipe.set_progress_bar_config(disable=True)
     scenes = held_out_scenes("test", n, num_objects=1)
     size = pipe.prior_image_encoder.config.image_size
-    results = {"text_prior_decoder": [0, 0, 0], "true_embedding_decoder": [0, 0, 0]}
+    pairs = {"text_prior_decoder": [], "true_embedding_decoder": []}  # (scene, image (3, H, W)) each
     zero = pipe.prior_pipe.get_zero_embed(1)
     for i in tqdm(range(0, n, batch_size), desc="kandinsky eval", disable=not progress):
         chunk = scenes[i:i + batch_size]
@@ -119,11 +116,7 @@ def evaluate_kandinsky(folder, n: int = 200, steps: int = 50, guidance_scale: fl
                                   guidance_scale=guidance_scale, height=size, width=size,
                                   generator=torch.Generator().manual_seed(seed + i), output_type="np").images
         for name, images in (("text_prior_decoder", generated), ("true_embedding_decoder", upper)):
-            for scene, image in zip(chunk, images):
-                r = judge.classify_single(torch.from_numpy(image).permute(2, 0, 1))
-                c, s = r.colour == scene.objects[0].colour, r.shape == scene.objects[0].shape
-                counts = results[name]
-                counts[0], counts[1], counts[2] = counts[0] + c, counts[1] + s, counts[2] + (c and s)
-    out = {name: {"colour": c / n, "shape": s / n, "both": b / n} for name, (c, s, b) in results.items()}
+            pairs[name] += [(scene, torch.from_numpy(image).permute(2, 0, 1)) for scene, image in zip(chunk, images)]
+    out = {name: judge_single_objects(judge, scored) for name, scored in pairs.items()}
     return {**out, "n": n, "steps": steps, "guidance_scale": guidance_scale, "prior_steps": prior_steps,
             "prior_guidance_scale": prior_guidance_scale}
